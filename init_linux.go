@@ -31,6 +31,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -104,6 +105,8 @@ type jobInit struct {
 
 // runInit is the whole life of a job's init; its return is the init's exit code.
 func runInit(jobDir string) int {
+	// Named for what it is in the job's `ps`, not "exe"; this is the main thread.
+	unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&[]byte("worker-init\x00")[0])), 0, 0, 0)
 	report := os.NewFile(3, "start-report")
 	unix.CloseOnExec(3) // never inherited by the command
 	ji := &jobInit{report: report, dirFD: -1}
