@@ -123,6 +123,13 @@ func runInit(jobDir string) int {
 		return ji.startFailed(fmt.Errorf("read job spec: %w", err), exitSetupFailed)
 	}
 	os.Stdin.Close()
+	// The spec arrives only after the server put this process in its cgroups
+	// (cgroup v1 cannot do that at clone time): a cgroup namespace made now is
+	// rooted at the job's cgroup. This thread forks the command, so it is
+	// the one that needs it.
+	if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
+		return ji.startFailed(fmt.Errorf("cgroup namespace: %w", err), exitSetupFailed)
+	}
 	outFD, err := unix.Openat(dirFD, outputFile, unix.O_WRONLY|unix.O_APPEND|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return ji.startFailed(fmt.Errorf("open output file: %w", err), exitSetupFailed)
@@ -172,6 +179,10 @@ func (ji *jobInit) run(signals chan os.Signal) int {
 		return ji.startFailed(startError(spec.Command, err))
 	}
 	pw.Close() // the command's copies are now the only writers
+	// The OOM killer must take the job's processes, never its init, which
+	// has to live to record the end (memory.oom.group spares -1000). Set
+	// after the fork, so the command does not inherit it.
+	os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 	startedAt := time.Now()
 	mainPID := cmd.Process.Pid
 	ji.reportStart(startReport{StartedAt: startedAt})

@@ -16,15 +16,6 @@ import (
 	"time"
 )
 
-func TestMain(m *testing.M) {
-	// The server re-executes /proc/self/exe as each job's init; in tests that
-	// is this test binary, which must then be the init.
-	if len(os.Args) > 2 && os.Args[1] == initArg {
-		os.Exit(runInit(os.Args[2]))
-	}
-	os.Exit(m.Run())
-}
-
 // requireRoot fails, never skips: namespaces, mounts and cgroups are what
 // these tests are about, and a skip would read as a pass.
 func requireRoot(t *testing.T) {

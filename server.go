@@ -39,6 +39,7 @@ import (
 
 const (
 	maxBodyBytes     = 1 << 20
+	minMemory        = 16 << 20
 	writeTimeout     = 30 * time.Second
 	startTimeout     = 30 * time.Second
 	forceEndMargin   = 5 * time.Second // past the grace period, before the server kills a job's init itself
@@ -456,8 +457,8 @@ func (s *server) validate(req *runRequest) (time.Duration, error) {
 		return 0, errorf(http.StatusBadRequest, "limits.memory: want a positive number of bytes")
 	case caps.Memory > 0 && l.Memory > caps.Memory:
 		return 0, errorf(http.StatusBadRequest, "limits.memory: %s is over this server's cap of %s", formatSize(l.Memory), formatSize(caps.Memory))
-	case l.Memory > 0 && l.Memory < 4<<20:
-		return 0, errorf(http.StatusBadRequest, "limits.memory: %s is below the smallest limit, 4M", formatSize(l.Memory))
+	case l.Memory > 0 && l.Memory < minMemory:
+		return 0, errorf(http.StatusBadRequest, "limits.memory: %s is below the smallest limit, %s (the job's init needs some)", formatSize(l.Memory), formatSize(minMemory))
 	case l.IOBps < 0:
 		return 0, errorf(http.StatusBadRequest, "limits.io_bps: want a positive number of bytes per second")
 	case caps.IOBps > 0 && l.IOBps > caps.IOBps:
