@@ -10,6 +10,10 @@
 //     constraint"); job cgroups are <own>/jobs/<id>.
 //   - v1: job cgroups are <own path in that hierarchy>/worker-jobs/<id> in
 //     each hierarchy used (cpu, cpuacct, memory, blkio, pids, freezer).
+//   - a job's command, and everything it starts, lives in the sub-cgroup
+//     <id>/command, which carries the pids limit; the job's init stays out of
+//     it (v2: in <id>/init), so -pids counts the job's tasks and never the
+//     init's threads. The other limits are on <id> and cover the init too.
 //   - a job cgroup has its limits written before any process enters it, and is
 //     removed only once no process is left in it.
 package main
@@ -43,6 +47,12 @@ const (
 	cgroupModeUnified = "unified"
 	cgroupModeHybrid  = "hybrid"
 	cgroupModeLegacy  = "legacy"
+)
+
+// Sub-cgroups of a job: see the invariants above.
+const (
+	commandCgroup = "command"
+	initCgroup    = "init" // v2 only
 )
 
 // cgroupV2Controllers are enabled for the jobs, in this order.
@@ -312,6 +322,24 @@ func (t *cgroupTree) newJob(id string, l Limits) (*jobCgroup, error) {
 			return nil, fmt.Errorf("create job cgroup %s: %w", d.jobs, err)
 		}
 	}
+	var subs []string
+	if j.unified {
+		// Controllers enabled for the children first: after that <id> may
+		// hold no process, and the pids limit sits on <id>/command.
+		if err := writeCgroupFile(filepath.Join(j.dirs[0].jobs, "cgroup.subtree_control"), "+pids"); err != nil {
+			j.remove()
+			return nil, fmt.Errorf("job %s: enable pids for its sub-cgroups: %w", id, err)
+		}
+		subs = []string{filepath.Join(j.dirs[0].jobs, initCgroup), filepath.Join(j.dirs[0].jobs, commandCgroup)}
+	} else {
+		subs = []string{filepath.Join(j.dir("pids"), commandCgroup)}
+	}
+	for _, sub := range subs {
+		if err := t.mkdir(sub); err != nil {
+			j.remove()
+			return nil, fmt.Errorf("create job cgroup %s: %w", sub, err)
+		}
+	}
 	var err error
 	if j.unified {
 		err = j.limitUnified(l)
@@ -365,7 +393,7 @@ func (j *jobCgroup) limitUnified(l Limits) error {
 		}
 	}
 	if l.Pids > 0 {
-		if err := writeCgroupFile(filepath.Join(dir, "pids.max"), strconv.FormatInt(l.Pids, 10)); err != nil {
+		if err := writeCgroupFile(filepath.Join(dir, commandCgroup, "pids.max"), strconv.FormatInt(l.Pids, 10)); err != nil {
 			return err
 		}
 	}
@@ -418,7 +446,10 @@ func (j *jobCgroup) limitLegacy(l Limits) error {
 		}
 	}
 	if l.Pids > 0 {
-		if err := writeCgroupFile(filepath.Join(j.dir("pids"), "pids.max"), strconv.FormatInt(l.Pids, 10)); err != nil {
+		// One more than asked: the init's forking thread sits in the command
+		// cgroup while it forks the command, and lowers this to the limit
+		// before it leaves (see commandFiles), so the job never has more.
+		if err := writeCgroupFile(filepath.Join(j.dir("pids"), commandCgroup, "pids.max"), strconv.FormatInt(l.Pids+1, 10)); err != nil {
 			return err
 		}
 	}
@@ -445,11 +476,53 @@ func (j *jobCgroup) openFD() (int, error) {
 	if len(j.dirs) == 0 {
 		return -1, fmt.Errorf("job cgroup: invalid job id %q", j.id)
 	}
-	fd, err := unix.Open(j.dirs[0].jobs, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	dir := filepath.Join(j.dirs[0].jobs, initCgroup)
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return -1, fmt.Errorf("open job cgroup %s: %w", j.dirs[0].jobs, err)
+		return -1, fmt.Errorf("open job cgroup %s: %w", dir, err)
 	}
 	return fd, nil
+}
+
+// commandFiles are what the job's init needs to start its command in
+// <id>/command, handed to it as open files because it cannot reach the
+// cgroup filesystem once it is isolated:
+//   - v2: the directory, for clone3's CLONE_INTO_CGROUP.
+//   - v1: the command cgroup's tasks and pids.max, and the job cgroup's
+//     cgroup.procs, in the pids hierarchy. v1 has no clone into a cgroup, so
+//     the init moves its forking thread in, forks, lowers pids.max to the
+//     limit and moves all its threads back out.
+func (j *jobCgroup) commandFiles() ([]*os.File, error) {
+	if len(j.dirs) == 0 {
+		return nil, fmt.Errorf("job cgroup: invalid job id %q", j.id)
+	}
+	type want struct {
+		path string
+		flag int
+	}
+	var wants []want
+	if j.unified {
+		wants = []want{{filepath.Join(j.dirs[0].jobs, commandCgroup), unix.O_PATH | unix.O_DIRECTORY}}
+	} else {
+		pids := j.dir("pids")
+		wants = []want{
+			{filepath.Join(pids, commandCgroup, "tasks"), unix.O_WRONLY},
+			{filepath.Join(pids, commandCgroup, "pids.max"), unix.O_WRONLY},
+			{filepath.Join(pids, "cgroup.procs"), unix.O_WRONLY},
+		}
+	}
+	var files []*os.File
+	for _, w := range wants {
+		fd, err := unix.Open(w.path, w.flag|unix.O_CLOEXEC, 0)
+		if err != nil {
+			for _, f := range files {
+				f.Close()
+			}
+			return nil, fmt.Errorf("open job cgroup file %s: %w", w.path, err)
+		}
+		files = append(files, os.NewFile(uintptr(fd), w.path))
+	}
+	return files, nil
 }
 
 // addProc moves process pid (all its threads) into the job's cgroup in every
@@ -525,17 +598,33 @@ func (j *jobCgroup) freeze() (thaw func()) {
 	return func() { writeCgroupFile(filepath.Join(dir, file), thawed) }
 }
 
-// procs lists the processes in any of the job's directories.
+// procs lists the processes in any of the job's cgroups, sub-cgroups included.
 func (j *jobCgroup) procs() []int {
 	var pids []int
 	for _, d := range j.dirs {
-		for _, p := range readCgroupPids(filepath.Join(d.jobs, "cgroup.procs")) {
-			if !slices.Contains(pids, p) {
-				pids = append(pids, p)
+		for _, dir := range cgroupSubtree(d.jobs) {
+			for _, p := range readCgroupPids(filepath.Join(dir, "cgroup.procs")) {
+				if !slices.Contains(pids, p) {
+					pids = append(pids, p)
+				}
 			}
 		}
 	}
 	return pids
+}
+
+// cgroupSubtree is dir and the cgroups below it, children before parents
+// (the order rmdir needs). A job's tree is two levels deep at most.
+func cgroupSubtree(dir string) []string {
+	var out []string
+	if entries, err := os.ReadDir(dir); err == nil {
+		for _, e := range entries {
+			if e.IsDir() {
+				out = append(out, cgroupSubtree(filepath.Join(dir, e.Name()))...)
+			}
+		}
+	}
+	return append(out, dir)
 }
 
 // signalAll SIGKILLs every process in the job. A pid read from cgroup.procs
@@ -543,8 +632,12 @@ func (j *jobCgroup) procs() []int {
 // pinned with a pidfd and checked to still be in the job before the signal.
 func (j *jobCgroup) signalAll() {
 	for _, d := range j.dirs {
-		for _, pid := range readCgroupPids(filepath.Join(d.jobs, "cgroup.procs")) {
-			signalIfMember(pid, d)
+		for _, dir := range cgroupSubtree(d.jobs) {
+			sub := d
+			sub.rel = path.Join(d.rel, filepath.ToSlash(strings.TrimPrefix(dir, d.jobs)))
+			for _, pid := range readCgroupPids(filepath.Join(dir, "cgroup.procs")) {
+				signalIfMember(pid, sub)
+			}
 		}
 	}
 }
@@ -688,8 +781,10 @@ func (j *jobCgroup) oomKilled() bool {
 func (j *jobCgroup) remove() error {
 	var errs []error
 	for _, d := range j.dirs {
-		if err := rmdirRetry(d.jobs); err != nil {
-			errs = append(errs, fmt.Errorf("remove job cgroup %s: %w", d.jobs, err))
+		for _, dir := range cgroupSubtree(d.jobs) {
+			if err := rmdirRetry(dir); err != nil {
+				errs = append(errs, fmt.Errorf("remove job cgroup %s: %w", dir, err))
+			}
 		}
 	}
 	return errors.Join(errs...)

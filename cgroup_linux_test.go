@@ -457,14 +457,14 @@ func TestUnifiedJobLimitsAreWrittenExactly(t *testing.T) {
 			"memory.swap.max":  "0",
 			"memory.oom.group": "1",
 			"io.max":           "8:0 rbps=2097152 wbps=2097152\n254:0 rbps=2097152 wbps=2097152\n",
-			"pids.max":         "10",
+			"command/pids.max": "10", "pids.max": "", "cgroup.subtree_control": "+pids",
 		}},
 		{"tiny cpu gets the kernel minimum", Limits{CPU: 0.001, Pids: 5}, nil, map[string]string{
-			"cpu.max": "1000 100000", "memory.max": "", "io.max": "", "pids.max": "5",
+			"cpu.max": "1000 100000", "memory.max": "", "io.max": "", "command/pids.max": "5", "pids.max": "",
 		}},
 		{"two cores", Limits{CPU: 2, Pids: 5}, nil, map[string]string{"cpu.max": "200000 100000"}},
 		{"zero limits are not written", Limits{Pids: 64}, nil, map[string]string{
-			"cpu.max": "", "memory.max": "", "memory.swap.max": "", "memory.oom.group": "", "io.max": "", "pids.max": "64",
+			"cpu.max": "", "memory.max": "", "memory.swap.max": "", "memory.oom.group": "", "io.max": "", "command/pids.max": "64", "init/pids.max": "",
 		}},
 		{"no swap accounting", Limits{Memory: 1 << 30, Pids: 1}, []string{"memory.swap.max"}, map[string]string{
 			"memory.max": "1073741824", "memory.oom.group": "1",
@@ -691,7 +691,8 @@ func TestLegacyJobLimitsAreWrittenExactly(t *testing.T) {
 			"memory/process_api/x/worker-jobs/j/memory.swappiness":           "",
 			"blkio/worker-jobs/j/blkio.throttle.read_bps_device":             "8:0 2097152\n254:0 2097152\n",
 			"blkio/worker-jobs/j/blkio.throttle.write_bps_device":            "8:0 2097152\n254:0 2097152\n",
-			"pids/worker-jobs/j/pids.max":                                    "10",
+			"pids/worker-jobs/j/command/pids.max":                            "11", // limit+1 until the init lowers it (commandFiles)
+			"pids/worker-jobs/j/pids.max":                                    "",
 		}},
 		{"no swap accounting", Limits{Memory: 32 << 20, Pids: 3}, []string{"memory.memsw.limit_in_bytes"}, map[string]string{
 			"memory/process_api/x/worker-jobs/j/memory.limit_in_bytes": "33554432",
@@ -702,7 +703,7 @@ func TestLegacyJobLimitsAreWrittenExactly(t *testing.T) {
 			"cpu/worker-jobs/j/cpu.cfs_quota_us":                       "",
 			"memory/process_api/x/worker-jobs/j/memory.limit_in_bytes": "",
 			"blkio/worker-jobs/j/blkio.throttle.read_bps_device":       "",
-			"pids/worker-jobs/j/pids.max":                              "64",
+			"pids/worker-jobs/j/command/pids.max":                      "65",
 		}},
 	}
 	for _, tt := range tests {

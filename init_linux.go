@@ -70,7 +70,18 @@ type initSpec struct {
 	Grace        time.Duration `json:"grace"`
 	OutputCap    int64         `json:"output_cap"`
 	ScratchBytes int64         `json:"scratch_bytes"` // size of each of /tmp and the work directory
+
+	// How the command gets into the job's command cgroup, from the files
+	// the server passes from fd 4 on (cgroup_linux.go, commandFiles).
+	CommandCgroup string `json:"command_cgroup,omitempty"`
+	Pids          int64  `json:"pids,omitempty"`
 }
+
+const (
+	commandCgroupV2 = "clone-into" // fd 4: the command cgroup's directory
+	commandCgroupV1 = "move-tid"   // fds 4, 5, 6: its tasks and pids.max, the job's cgroup.procs
+	firstCgroupFD   = 4
+)
 
 // startReport is the init's one line on fd 3: the command runs, or why not.
 type startReport struct {
@@ -108,7 +119,9 @@ func runInit(jobDir string) int {
 	// Named for what it is in the job's `ps`, not "exe"; this is the main thread.
 	unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&[]byte("worker-init\x00")[0])), 0, 0, 0)
 	report := os.NewFile(3, "start-report")
-	unix.CloseOnExec(3) // never inherited by the command
+	for fd := 3; fd < firstCgroupFD+3; fd++ {
+		unix.CloseOnExec(fd) // never inherited by the command
+	}
 	ji := &jobInit{report: report, dirFD: -1}
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, unix.SIGTERM, unix.SIGINT)
@@ -173,7 +186,7 @@ func (ji *jobInit) run(signals chan os.Signal) int {
 	if errors.Is(cmd.Err, exec.ErrDot) {
 		cmd.Err = nil // a relative path the user gave is what they meant
 	}
-	if err := cmd.Start(); err != nil {
+	if err := ji.startInCommandCgroup(cmd); err != nil {
 		pw.Close()
 		pr.Close()
 		return ji.startFailed(startError(spec.Command, err))
@@ -251,6 +264,48 @@ func (ji *jobInit) run(signals chan os.Signal) int {
 	return 0
 }
 
+// startInCommandCgroup starts the command in the job's command cgroup,
+// which holds the pids limit, so the init's own threads never count
+// against it.
+func (ji *jobInit) startInCommandCgroup(cmd *exec.Cmd) error {
+	switch ji.spec.CommandCgroup {
+	case commandCgroupV2:
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = firstCgroupFD
+		return cmd.Start()
+	case commandCgroupV1:
+		tasks, pidsMax, jobProcs := firstCgroupFD, firstCgroupFD+1, firstCgroupFD+2
+		// Only this thread goes in: the fork below happens on it (the
+		// init's main thread is locked), so the command is born inside.
+		if err := writeFD(tasks, strconv.Itoa(unix.Gettid())); err != nil {
+			return setupError{fmt.Errorf("enter the command cgroup: %w", err)}
+		}
+		startErr := cmd.Start()
+		// Lower pids.max from limit+1 while this thread still counts, then
+		// leave with every thread: the job never has more than its limit.
+		if ji.spec.Pids > 0 {
+			if err := writeFD(pidsMax, strconv.FormatInt(ji.spec.Pids, 10)); err != nil && startErr == nil {
+				return setupError{fmt.Errorf("set pids limit: %w", err)}
+			}
+		}
+		if err := writeFD(jobProcs, strconv.Itoa(os.Getpid())); err != nil && startErr == nil {
+			return setupError{fmt.Errorf("leave the command cgroup: %w", err)}
+		}
+		return startErr
+	}
+	return cmd.Start()
+}
+
+// setupError is a start failure that is the worker's, not the command's.
+type setupError struct{ error }
+
+func (e setupError) Unwrap() error { return e.error }
+
+func writeFD(fd int, s string) error {
+	_, err := unix.Pwrite(fd, []byte(s), 0)
+	return err
+}
+
 // beginEnd sends SIGTERM to every process of the job and SIGKILL after the
 // grace period. The first reason wins.
 func (ji *jobInit) beginEnd(reason string) {
@@ -317,7 +372,10 @@ func (ji *jobInit) writeExit(rec exitRecord) error {
 // startError turns a failed exec into a message for the user and the exit
 // code a shell would give.
 func startError(command string, err error) (error, int) {
+	var se setupError
 	switch {
+	case errors.As(err, &se):
+		return se.error, exitSetupFailed
 	case errors.Is(err, exec.ErrNotFound), errors.Is(err, unix.ENOENT):
 		return fmt.Errorf("command not found: %s", command), exitNotFound
 	case errors.Is(err, unix.EACCES), errors.Is(err, unix.ENOEXEC), errors.Is(err, unix.EISDIR), errors.Is(err, unix.EPERM):

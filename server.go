@@ -602,7 +602,24 @@ func (s *server) launch(rec record, timeout time.Duration, lj *liveJob) (*exec.C
 		},
 	}
 	cgFD := -1
+	commandCgroup := ""
 	if lj.cg != nil {
+		files, err := lj.cg.commandFiles()
+		if err != nil {
+			specR.Close()
+			reportW.Close()
+			return nil, report, err
+		}
+		defer func() {
+			for _, f := range files {
+				f.Close()
+			}
+		}()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, files...)
+		commandCgroup = commandCgroupV1
+		if len(files) == 1 {
+			commandCgroup = commandCgroupV2
+		}
 		if cgFD, err = lj.cg.openFD(); err != nil {
 			specR.Close()
 			reportW.Close()
@@ -636,7 +653,7 @@ func (s *server) launch(rec record, timeout time.Duration, lj *liveJob) (*exec.C
 	spec := initSpec{
 		ID: rec.ID, Command: rec.Command, Args: rec.Args, Env: jobEnv(rec), UID: s.uid, GID: s.gid,
 		Hostname: rec.ID, Timeout: timeout, Grace: s.cfg.grace, OutputCap: s.cfg.outputCap,
-		ScratchBytes: rec.Limits.Memory,
+		ScratchBytes: rec.Limits.Memory, CommandCgroup: commandCgroup, Pids: rec.Limits.Pids,
 	}
 	if spec.ScratchBytes == 0 {
 		spec.ScratchBytes = s.cfg.caps.Memory

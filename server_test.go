@@ -3,9 +3,12 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -316,5 +319,103 @@ func TestEnvReachesTheJob(t *testing.T) {
 	j := ts.run("admin", runRequest{Command: "sh", Args: []string{"-c", "echo $GREETING $HOME"}, Env: map[string]string{"GREETING": "hello world"}})
 	if out, _ := ts.wait("admin", j.ID); out != "hello world /job\n" {
 		t.Fatalf("got %q", out)
+	}
+}
+
+// Limits enforced for real through the API, on this host's cgroups.
+
+func TestAPIMemoryLimitOOMKillsAndIsReported(t *testing.T) {
+	ts := newTestServer(t)
+	hog := "b = bytearray(300 << 20); print('survived')"
+	j := ts.run("admin", runRequest{Command: "python3", Args: []string{"-c", hog}, Limits: Limits{Memory: 32 << 20}})
+	out, j := ts.wait("admin", j.ID)
+	if j.Status != statusFailed || j.Reason != reasonOOM || strings.Contains(out, "survived") {
+		t.Fatalf("300 MB under 32M: %s/%s, output %q", j.Status, j.Reason, out)
+	}
+	t.Logf("under 32M: %s/%s, memory peak %d bytes", j.Status, j.Reason, j.Usage.MemoryPeakBytes)
+	j = ts.run("admin", runRequest{Command: "python3", Args: []string{"-c", "b = bytearray(200 << 20); print('done')"}, Limits: Limits{Memory: 256 << 20}})
+	out, j = ts.wait("admin", j.ID)
+	if j.Status != statusCompleted || out != "done\n" {
+		t.Fatalf("200 MB under 256M: %s/%s %q", j.Status, j.Reason, out)
+	}
+	if p := j.Usage.MemoryPeakBytes; p < 200<<20 || p > 256<<20 {
+		t.Fatalf("memory_peak_bytes = %d, want between 200M and 256M", p)
+	}
+	t.Logf("under 256M: completed, memory peak %d bytes", j.Usage.MemoryPeakBytes)
+}
+
+func TestAPICPULimitThrottles(t *testing.T) {
+	ts := newTestServer(t)
+	spin := "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+	j := ts.run("admin", runRequest{Command: "python3", Args: []string{"-c", spin}, Limits: Limits{CPU: 0.2}})
+	_, j = ts.wait("admin", j.ID)
+	if j.Status != statusCompleted || j.Usage.CPUSeconds < 0.2 || j.Usage.CPUSeconds > 1.0 {
+		t.Fatalf("3 s spin under 0.2 cores: %s, %.3f cpu-seconds; want 0.2-1.0", j.Status, j.Usage.CPUSeconds)
+	}
+	t.Logf("3 s spin under -cpu 0.2: %.3f cpu-seconds", j.Usage.CPUSeconds)
+}
+
+func TestAPIPidsLimitCountsTheJobsTasksOnly(t *testing.T) {
+	ts := newTestServer(t)
+	forker := `
+import os, time, errno
+ok = again = 0
+for i in range(40):
+    try:
+        if os.fork() == 0:
+            time.sleep(1); os._exit(0)
+        ok += 1
+    except OSError as e:
+        if e.errno != errno.EAGAIN: raise
+        again += 1
+print(ok, again)
+`
+	j := ts.run("admin", runRequest{Command: "python3", Args: []string{"-c", forker}, Limits: Limits{Pids: 10}})
+	out, j := ts.wait("admin", j.ID)
+	// python itself is one task: 9 children fit under 10, the other 31 get EAGAIN.
+	if j.Status != statusCompleted || out != "9 31\n" {
+		t.Fatalf("40 forks under -pids 10: %s, output %q; want 9 started, 31 EAGAIN", j.Status, out)
+	}
+}
+
+func TestAPIIOLimitThrottlesDirectReads(t *testing.T) {
+	ts := newTestServer(t)
+	// A 6 MB file on the host's disk, readable by the job user; not under
+	// /tmp, which jobs do not see.
+	dir, err := os.MkdirTemp("/var/tmp", "worker-io-test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	file := filepath.Join(dir, "data")
+	if err := os.WriteFile(file, bytes.Repeat([]byte{1}, 6<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	read := func(l Limits) (time.Duration, Job) {
+		begin := time.Now()
+		j := ts.run("admin", runRequest{Command: "dd", Args: []string{"if=" + file, "of=/dev/null", "bs=1M", "iflag=direct"}, Limits: l})
+		out, j := ts.wait("admin", j.ID)
+		if j.Status != statusCompleted {
+			t.Fatalf("dd: %s %s", j.Status, out)
+		}
+		return time.Since(begin), j
+	}
+	free, _ := read(Limits{})
+	limited, j := read(Limits{IOBps: 2 << 20})
+	if limited < 2500*time.Millisecond || free > limited/4 {
+		t.Fatalf("6 MB O_DIRECT read: %v under -io 2M, %v unlimited; want >= 2.5 s and far faster", limited, free)
+	}
+	if j.Usage.IOReadBytes < 6<<20 {
+		t.Fatalf("io_read_bytes = %d, want >= 6M", j.Usage.IOReadBytes)
+	}
+	t.Logf("6 MB O_DIRECT read: %v under -io 2M (io_read_bytes %d), %v unlimited", limited, j.Usage.IOReadBytes, free)
+}
+
+func TestNoLimitsModeSaysSoInEachRecord(t *testing.T) {
+	ts := newTestServer(t, func(c *serverConfig) { c.noLimits = true })
+	_, j := ts.runWait("true")
+	if !j.Unlimited || j.Status != statusCompleted {
+		t.Fatalf("job under -no-limits: unlimited=%v status %s", j.Unlimited, j.Status)
 	}
 }
