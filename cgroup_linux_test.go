@@ -10,6 +10,7 @@ import (
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -1001,7 +1002,23 @@ func TestPidsLimitRefusesForksBeyondIt(t *testing.T) {
 	}
 	defer outR.Close()
 	cmd.Stdout = outW
-	startInJob(t, j, cmd)()
+	release := startInJob(t, j, cmd)
+	// As the job's init does for its command: into <id>/command, which
+	// carries the pids limit, lowered from limit+1 to the limit.
+	files, err := j.commandFiles()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		defer f.Close()
+	}
+	if _, err := files[1].WriteString("10"); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeCgroupFile(filepath.Join(j.dir("pids"), commandCgroup, "cgroup.procs"), strconv.Itoa(cmd.Process.Pid)); err != nil {
+		t.Fatal(err)
+	}
+	release()
 	outW.Close()
 	outR.SetReadDeadline(time.Now().Add(20 * time.Second))
 	line, err := bufio.NewReader(outR).ReadString('\n')
@@ -1012,7 +1029,7 @@ func TestPidsLimitRefusesForksBeyondIt(t *testing.T) {
 	if _, err := fmt.Sscanf(line, "started=%d eagain=%d other=%d", &started, &eagain, &other); err != nil {
 		t.Fatalf("helper said %q: %v", line, err)
 	}
-	pidsDir := j.dir("pids")
+	pidsDir := filepath.Join(j.dir("pids"), commandCgroup)
 	current, _ := readCgroupInt(filepath.Join(pidsDir, "pids.current"))
 	peak, peakErr := readCgroupInt(filepath.Join(pidsDir, "pids.peak"))
 	refused, _ := flatKeyed(filepath.Join(pidsDir, "pids.events"), "max")
