@@ -27,7 +27,7 @@ var (
 	buildErr  error
 )
 
-func workerBinary(t *testing.T) string {
+func workerBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "worker-bin")
@@ -59,7 +59,7 @@ type serverProc struct {
 
 var servingAddr = regexp.MustCompile(`msg=serving addr=(\S+)`)
 
-func startServerProc(t *testing.T, state string, extra ...string) *serverProc {
+func startServerProc(t testing.TB, state string, extra ...string) *serverProc {
 	t.Helper()
 	requireRoot(t)
 	args := append([]string{"-serve", "-listen", "127.0.0.1:0", "-state", state, "-grace", "1s"}, extra...)
@@ -366,3 +366,35 @@ func TestJobsAndRecordsSurviveServerRestarts(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func TestIssuedUserCertificateSeesOnlyItsOwnJobs(t *testing.T) {
+	sp := startServerProc(t, t.TempDir())
+	tlsDir := filepath.Join(sp.state, "tls")
+	out, _, code := sp.cli(t, "-certs", tlsDir, "-user", "alice", "-role", "user")
+	if code != 0 || !strings.Contains(out, "alice.pem") || !strings.Contains(out, "alice-key.pem") {
+		t.Fatalf("-certs: exit %d %q", code, out)
+	}
+	if fi, err := os.Stat(filepath.Join(tlsDir, "alice-key.pem")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("alice-key.pem: %v", err)
+	}
+	adminJob, _, _ := sp.cli(t, "-run", "sleep", "30")
+	adminJob = strings.TrimSpace(adminJob)
+	alice := func(args ...string) (string, string, int) {
+		return sp.cli(t, append([]string{"-cert", filepath.Join(tlsDir, "alice.pem"), "-key", filepath.Join(tlsDir, "alice-key.pem")}, args...)...)
+	}
+	mine, _, code := alice("-run", "-f", "echo", "from alice")
+	if code != 0 || mine != "from alice\n" {
+		t.Fatalf("alice -run -f: %d %q", code, mine)
+	}
+	list, _, _ := alice("-list")
+	if strings.Contains(list, adminJob) || !strings.Contains(list, "alice") {
+		t.Fatalf("alice's -list shows others' jobs or not hers:\n%s", list)
+	}
+	if _, stderr, code := alice("-stop", adminJob); code != 1 || !strings.Contains(stderr, "no job") {
+		t.Fatalf("alice stopping admin's job: exit %d %q", code, stderr)
+	}
+	if _, stderr, code := sp.cli(t, "-certs", tlsDir, "-user", "../evil", "-role", "user"); code == 0 || !strings.HasPrefix(stderr, "worker: ") {
+		t.Fatalf("bad user name accepted: %d %q", code, stderr)
+	}
+	sp.cli(t, "-stop", adminJob)
+}

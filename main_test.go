@@ -18,7 +18,7 @@ import (
 
 // requireRoot fails, never skips: namespaces, mounts and cgroups are what
 // these tests are about, and a skip would read as a pass.
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root (namespaces, mounts, cgroups): run it as root, as CI does")

@@ -24,7 +24,7 @@ import (
 )
 
 // followBufSize is each follower's one buffer.
-const followBufSize = 64 << 10
+const followBufSize = 32 << 10
 
 // jobOutput is the follow side of one job's output file.
 type jobOutput struct {

@@ -6,9 +6,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -170,4 +173,134 @@ func TestOutputCapKeepsTheJobGoingAndMarksTheCut(t *testing.T) {
 	if out.String() != want {
 		t.Fatalf("output is %d bytes ending %q, want the cap then one marker", out.Len(), out.String()[max(0, out.Len()-80):])
 	}
+}
+
+// Streaming benchmarks against a real server process (SPEC §10), each
+// reported as ratios against a floor measured in the same run.
+
+// benchServer starts `worker -serve` for a benchmark and returns it with a
+// client that speaks HTTP/2 over mTLS as admin.
+func benchServer(b *testing.B) (*serverProc, *client) {
+	b.Helper()
+	sp := startServerProc(b, b.TempDir())
+	c, err := newClient(clientConfig{addr: sp.addr, tlsDir: filepath.Join(sp.state, "tls")}, io.Discard, io.Discard)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return sp, c
+}
+
+func benchRun(b *testing.B, c *client, req runRequest) Job {
+	b.Helper()
+	var j Job
+	if err := c.do(context.Background(), "POST", "/v1/jobs", req, &j); err != nil {
+		b.Fatal(err)
+	}
+	return j
+}
+
+// BenchmarkFollowerThroughput: one follower of a job writing flat out, as a
+// share of the rate at which the job writes its output with nobody reading.
+func BenchmarkFollowerThroughput(b *testing.B) {
+	sp, c := benchServer(b)
+	const size = 256 << 20
+	req := runRequest{Command: "head", Args: []string{"-c", "256M", "/dev/zero"}}
+	var floorSec, followSec float64
+	for b.Loop() {
+		j := benchRun(b, c, req)
+		var sink countWriter
+		if err := c.follow(context.Background(), j.ID, &sink); err != nil {
+			b.Fatal(err)
+		}
+		j, _ = c.get(context.Background(), j.ID)
+		floorSec += j.EndedAt.Sub(*j.StartedAt).Seconds() // the job's own writing time, floor for what follows
+		if sink.n != size {
+			b.Fatalf("follower got %d bytes, want %d", sink.n, size)
+		}
+		// Followed from the start: the stream's end is when the last byte arrived.
+		followSec += time.Since(*j.StartedAt).Seconds()
+	}
+	// The bare floor: the same bytes written straight to a file in the
+	// state dir, no job, no pipe, no follower.
+	direct := filepath.Join(sp.state, "direct")
+	var directSec float64
+	for range b.N {
+		begin := time.Now()
+		cmd := exec.Command("sh", "-c", "head -c 256M /dev/zero > "+direct)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.Fatalf("%v: %s", err, out)
+		}
+		directSec += time.Since(begin).Seconds()
+	}
+	os.Remove(direct)
+	n := float64(b.N)
+	b.ReportMetric(size/(1<<20)/(directSec/n), "direct-MB/s")
+	b.ReportMetric(directSec/followSec, "x-direct")
+	b.ReportMetric(size/(1<<20)/(floorSec/n), "job-MB/s")
+	b.ReportMetric(size/(1<<20)/(followSec/n), "follow-MB/s")
+	b.ReportMetric(floorSec/followSec, "x-job")
+	_ = sp
+}
+
+type countWriter struct{ n int64 }
+
+func (w *countWriter) Write(p []byte) (int, error) { w.n += int64(len(p)); return len(p), nil }
+
+// BenchmarkThousandFollowers: 1000 concurrent followers of one job; every
+// one must get every byte, and the server's peak RSS is reported.
+func BenchmarkThousandFollowers(b *testing.B) {
+	sp, _ := benchServer(b)
+	const followers = 1000
+	// Several connections: one HTTP/2 connection carries at most 1000 streams.
+	clients := make([]*client, 8)
+	for i := range clients {
+		c, err := newClient(clientConfig{addr: sp.addr, tlsDir: filepath.Join(sp.state, "tls")}, io.Discard, io.Discard)
+		if err != nil {
+			b.Fatal(err)
+		}
+		clients[i] = c
+	}
+	baseline := vmHWM(b, sp.cmd.Process.Pid)
+	for b.Loop() {
+		// 16 MB written in bursts over about two seconds, so followers are live.
+		j := benchRun(b, clients[0], runRequest{Command: "sh", Args: []string{"-c", "for i in $(seq 16); do head -c 1M /dev/urandom; sleep 0.1; done"}})
+		var wg sync.WaitGroup
+		got := make([]int64, followers)
+		for i := range followers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var w countWriter
+				if err := clients[i%len(clients)].follow(context.Background(), j.ID, &w); err != nil {
+					b.Error(err)
+				}
+				got[i] = w.n
+			}()
+		}
+		wg.Wait()
+		for i, n := range got {
+			if n != 16<<20 {
+				b.Fatalf("follower %d got %d bytes, want %d", i, n, 16<<20)
+			}
+		}
+	}
+	peak := vmHWM(b, sp.cmd.Process.Pid)
+	b.ReportMetric(float64(peak)/(1<<20), "server-peak-RSS-MiB")
+	b.ReportMetric(float64(peak-baseline)/(1<<20), "RSS-growth-MiB")
+}
+
+// vmHWM is a process's peak resident set size, in bytes.
+func vmHWM(b *testing.B, pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	b.Fatal("no VmHWM")
+	return 0
 }
