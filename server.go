@@ -64,8 +64,9 @@ type liveJob struct {
 	id     string
 	out    *jobOutput
 	cg     *jobCgroup // nil without limits
-	signal func(syscall.Signal) error
-	done   chan struct{} // closed once the end is recorded
+	signal   func(syscall.Signal) error // set before launched is closed; nil if the init never ran
+	launched chan struct{}               // closed once the init was started, or failed to
+	done     chan struct{}               // closed once the end is recorded
 
 	forced atomic.Value // string: why the server itself killed the init
 }
@@ -352,8 +353,10 @@ func (s *server) handleLog(w http.ResponseWriter, r *http.Request, c caller) err
 		case <-ctx.Done():
 		}
 	}()
+	// No deadline while waiting for a quiet job's next byte; one per write.
+	rc.SetWriteDeadline(time.Time{})
 	dw := &deadlineWriter{w: w, rc: rc}
-	sent, err := out.follow(ctx, dw, rc.Flush, offset, follow)
+	sent, err := out.follow(ctx, dw, dw.flush, offset, follow)
 	s.metrics.bytesStreamed.Add(sent)
 	if err != nil && ctx.Err() == nil {
 		slog.Debug("follow ended", "job", rec.ID, "err", err)
@@ -370,7 +373,14 @@ type deadlineWriter struct {
 
 func (d *deadlineWriter) Write(p []byte) (int, error) {
 	d.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	defer d.rc.SetWriteDeadline(time.Time{})
 	return d.w.Write(p)
+}
+
+func (d *deadlineWriter) flush() error {
+	d.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	defer d.rc.SetWriteDeadline(time.Time{})
+	return d.rc.Flush()
 }
 
 // outputOf is the follow side of a job's output: the live one while the job
@@ -514,8 +524,7 @@ func (s *server) startJob(owner string, req runRequest) (record, error) {
 	if timeout > 0 {
 		rec.Timeout = timeout.String()
 	}
-	lj := &liveJob{id: rec.ID, done: make(chan struct{})}
-	lj.out = newJobOutput(filepath.Join(s.store.jobDir(rec.ID), outputFile))
+	lj := newLiveJob(rec.ID, s.store.jobDir(rec.ID))
 
 	// The slot is taken before anything starts, so -max-jobs holds under a burst.
 	s.mu.Lock()
@@ -534,6 +543,7 @@ func (s *server) startJob(owner string, req runRequest) (record, error) {
 		slog.Warn("output will be followed only at the end", "job", rec.ID, "err", err)
 	}
 	cmd, report, err := s.launch(rec, timeout, lj)
+	close(lj.launched)
 	if err != nil {
 		s.finish(lj, err)
 		rec, _ = s.store.get(rec.ID)
@@ -682,6 +692,15 @@ func jobEnv(rec record) []string {
 	return out
 }
 
+func newLiveJob(id, dir string) *liveJob {
+	return &liveJob{
+		id:       id,
+		out:      newJobOutput(filepath.Join(dir, outputFile)),
+		launched: make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+}
+
 func (s *server) dropLive(lj *liveJob) {
 	s.mu.Lock()
 	delete(s.live, lj.id)
@@ -721,6 +740,9 @@ func (s *server) stopJob(id string) (record, error) {
 	s.mu.Lock()
 	lj := s.live[id]
 	s.mu.Unlock()
+	if lj != nil {
+		<-lj.launched // a stop during the start lands once there is something to stop
+	}
 	if lj == nil || lj.signal == nil {
 		if lj != nil {
 			<-lj.done
@@ -852,8 +874,7 @@ func (s *server) adoptAll() {
 		if rec.ended() {
 			continue
 		}
-		lj := &liveJob{id: rec.ID, done: make(chan struct{})}
-		lj.out = newJobOutput(filepath.Join(s.store.jobDir(rec.ID), outputFile))
+		lj := newLiveJob(rec.ID, s.store.jobDir(rec.ID))
 		if s.cgroups != nil {
 			lj.cg = s.cgroups.job(rec.ID)
 		}
@@ -875,11 +896,13 @@ func (s *server) adoptAll() {
 			if rec.InitPID == 0 {
 				startErr = errors.New("the server stopped before the job started")
 			}
+			close(lj.launched)
 			s.finish(lj, startErr)
 			continue
 		}
 		pf := os.NewFile(uintptr(pidfd), "pidfd")
 		lj.signal = func(sig syscall.Signal) error { return unix.PidfdSendSignal(int(pf.Fd()), sig, nil, 0) }
+		close(lj.launched)
 		if err := s.watcher.watch(lj.out); err != nil {
 			slog.Warn("output will be followed only at the end", "job", rec.ID, "err", err)
 		}
