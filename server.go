@@ -61,12 +61,12 @@ type server struct {
 
 // liveJob is a job whose end the server has not recorded yet.
 type liveJob struct {
-	id     string
-	out    *jobOutput
-	cg     *jobCgroup // nil without limits
+	id       string
+	out      *jobOutput
+	cg       *jobCgroup                 // nil without limits
 	signal   func(syscall.Signal) error // set before launched is closed; nil if the init never ran
-	launched chan struct{}               // closed once the init was started, or failed to
-	done     chan struct{}               // closed once the end is recorded
+	launched chan struct{}              // closed once the init was started, or failed to
+	done     chan struct{}              // closed once the end is recorded
 
 	forced atomic.Value // string: why the server itself killed the init
 }
