@@ -14,6 +14,11 @@ test: build
 	$(GO) vet ./...
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 15m ./...
 
+# Only the cgroup v2 checks: boots a kernel in qemu with the test binary as
+# /init (the kernel and busybox are fetched with apt once, then cached).
+test-vm:
+	$(GO) test -run '^TestCgroupV2VM$$' -v -count=1 -timeout 10m .
+
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 200x -timeout 20m .
 

@@ -1,27 +1,36 @@
 //go:build linux
 
 // vm_guest_test.go: the checks TestCgroupV2VM runs inside the cgroup v2 VM,
-// and the payload processes they start. Every TestGuest* test here runs in
-// the VM as root, in the root cgroup of a pure v2 hierarchy, with /dev/nvme0n1
-// as a raw 64 MiB disk; elsewhere it skips (vmGuestOnly). A check cleans up
-// what it creates: later checks (and the server's own) start from a clean
-// root cgroup.
+// and the payloads their jobs run. Every TestGuest* test here runs in the VM
+// as root (elsewhere it skips: vmGuestOnly), and goes through the real server:
+// it starts one in this process with newTestServer, which opens the cgroup
+// tree as a real start does (unified mode; this process moves into the leaf
+// <own>/server, jobs go in <own>/jobs/<id>), and starts its jobs over HTTPS.
+// Only what the API cannot show is read from the side: the job cgroup's
+// files while the job runs, and /proc of the guest.
+//
+// Jobs run busybox (/bin in the guest) or this test binary (/init, which a
+// job sees read-only like the rest of the guest's root) in one of its
+// testHelpers modes. The guest has /dev/nvme0n1, a raw 64 MiB disk.
 package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
+	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -29,318 +38,719 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-const cgroupRoot = "/sys/fs/cgroup"
-
 // testHelpers are the payload modes of the test binary, run as
 // `WORKER_TEST_HELPER=name <test binary> args...` (see TestMain).
 var testHelpers = map[string]func(args []string) error{
-	"alloc":      helperAlloc,
-	"directread": helperDirectRead,
-	"nsinfo":     helperNSInfo,
-	"pivot":      helperPivot,
+	"alloc":     helperAlloc,
+	"spin":      helperSpin,
+	"forker":    helperForker,
+	"isolation": helperIsolation,
 }
 
-func TestGuestCgroupIsUnifiedWithControllers(t *testing.T) {
+// guestServer starts a real server in this process, on a fresh state dir,
+// with a short grace period so stops are quick. Its log is kept out of the
+// check's output unless the check fails.
+func guestServer(t *testing.T) *testServer {
+	t.Helper()
+	ts, _ := guestServerLog(t)
+	return ts
+}
+
+// guestServerLog is guestServer, and the server's log as it is written.
+func guestServerLog(t *testing.T) (*testServer, *lockedBuffer) {
+	t.Helper()
 	vmGuestOnly(t)
-	var st unix.Statfs_t
-	if err := unix.Statfs(cgroupRoot, &st); err != nil {
-		t.Fatalf("statfs %s: %v", cgroupRoot, err)
+	logs := &lockedBuffer{}
+	// slog.SetDefault also points the log package at the new handler, and
+	// putting back the default slog handler does not undo that.
+	oldSlog, oldOut, oldFlags := slog.Default(), log.Writer(), log.Flags()
+	slog.SetDefault(slog.New(slog.NewTextHandler(logs, nil)))
+	// Registered before the server's cleanup, so it runs after it: the
+	// server's last words are kept too.
+	t.Cleanup(func() {
+		slog.SetDefault(oldSlog)
+		log.SetOutput(oldOut)
+		log.SetFlags(oldFlags)
+		if t.Failed() {
+			t.Logf("server log:\n%s", logs)
+		}
+	})
+	ts := newTestServer(t, func(c *serverConfig) { c.grace = 500 * time.Millisecond })
+	return ts, logs
+}
+
+// helperJob asks for a job running this test binary in helper mode name.
+// One P: a Go payload then needs few threads (pids.max counts them).
+func helperJob(name string, l Limits, args ...string) runRequest {
+	return runRequest{Command: "/init", Args: args, Limits: l,
+		Env: map[string]string{testHelperEnv: name, "GOMAXPROCS": "1"}}
+}
+
+// jobCgroupDir is where the server keeps job id's cgroup.
+func jobCgroupDir(t *testing.T, ts *testServer, id string) string {
+	t.Helper()
+	dir := ts.srv.cgroups.job(id).dir("memory")
+	if dir == "" {
+		t.Fatalf("the server has no cgroup directory for job %s", id)
 	}
-	if st.Type != unix.CGROUP2_SUPER_MAGIC {
-		t.Fatalf("%s has filesystem magic %#x, want cgroup2 %#x", cgroupRoot, st.Type, unix.CGROUP2_SUPER_MAGIC)
+	return dir
+}
+
+// ---- 1. the tree ----
+
+func TestGuestServerDetectsUnifiedModeAndMovesIntoLeaf(t *testing.T) {
+	vmGuestOnly(t)
+	before := ownCgroup(t)
+	ts, logs := guestServerLog(t)
+	if ts.srv.cgroups == nil {
+		t.Fatal("the server runs without cgroups")
 	}
-	b, err := os.ReadFile(filepath.Join(cgroupRoot, "cgroup.controllers"))
+	if mode := ts.srv.cgroups.mode(); mode != cgroupModeUnified {
+		t.Fatalf("cgroup mode = %q, want %q", mode, cgroupModeUnified)
+	}
+	if !strings.Contains(logs.String(), "msg=cgroups mode=unified") {
+		t.Errorf("the server did not log its cgroup mode; its log:\n%s", logs)
+	}
+
+	// The server's own cgroup, as it was before the first server of this
+	// guest moved the process into <own>/server.
+	base := before
+	if path.Base(before) == "server" {
+		base = path.Dir(before)
+	}
+	after := ownCgroup(t)
+	if want := path.Join(base, "server"); after != want {
+		t.Fatalf("the server process is in cgroup %q (was %q), want the leaf %q", after, before, want)
+	}
+	tasks, _ := filepath.Glob("/proc/self/task/*/cgroup")
+	for _, task := range tasks {
+		if b, err := os.ReadFile(task); err == nil && strings.TrimSpace(string(b)) != "0::"+after {
+			t.Errorf("thread %s is in %q, not in the server's leaf %s", task, strings.TrimSpace(string(b)), after)
+		}
+	}
+	own := filepath.Join(cgroupMountPoint, base)
+	for _, dir := range []string{own, filepath.Join(own, "jobs")} {
+		ctl := readTrimmed(t, filepath.Join(dir, "cgroup.subtree_control"))
+		for _, c := range []string{"cpu", "io", "memory", "pids"} {
+			if !slices.Contains(strings.Fields(ctl), c) {
+				t.Errorf("%s/cgroup.subtree_control = %q, missing %s", dir, ctl, c)
+			}
+		}
+	}
+	if procs := readTrimmed(t, filepath.Join(own, "jobs", "cgroup.procs")); procs != "" {
+		t.Errorf("processes %q in %s/jobs itself, want none (no internal processes)", procs, own)
+	}
+
+	// A job's init is born in <own>/jobs/<id>, with the default pids limit.
+	j := ts.run("admin", runRequest{Command: "sleep", Args: []string{"60"}})
+	rec, _ := ts.srv.store.get(j.ID)
+	dir := jobCgroupDir(t, ts, j.ID)
+	if want := filepath.Join(own, "jobs", j.ID); dir != want {
+		t.Errorf("job cgroup at %s, want %s", dir, want)
+	}
+	initCg := readTrimmed(t, fmt.Sprintf("/proc/%d/cgroup", rec.InitPID))
+	if want := "0::" + path.Join(base, "jobs", j.ID); initCg != want {
+		t.Errorf("the job's init (pid %d) is in %q, want %q", rec.InitPID, initCg, want)
+	}
+	if got := readTrimmed(t, filepath.Join(dir, "pids.max")); got != strconv.FormatInt(ts.srv.cfg.pids, 10) {
+		t.Errorf("pids.max of a job that asked for no limit = %s, want the server default %d", got, ts.srv.cfg.pids)
+	}
+	stopJob(t, ts, j.ID)
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("job cgroup %s still there after the job ended (%v)", dir, err)
+	}
+	t.Logf("mode unified; server moved from %q to %q; %s/jobs enables %q; job init in %s",
+		before, after, own, readTrimmed(t, filepath.Join(own, "jobs", "cgroup.subtree_control")), strings.TrimPrefix(initCg, "0::"))
+}
+
+// ---- 2. memory ----
+
+func TestGuestMemoryLimitOOMKillsJobAndReportsPeak(t *testing.T) {
+	ts := guestServer(t)
+	const limit = 32 << 20
+	hog := ts.run("admin", helperJob("alloc", Limits{Memory: limit}, "100"))
+	out, end := ts.wait("admin", hog.ID)
+	peak := end.Usage.MemoryPeakBytes
+	if end.Status != statusFailed || end.Reason != reasonOOM {
+		t.Errorf("a job touching 100 MiB under limits.memory=32M ended %s (reason %q, signal %q, exit %d), want FAILED with reason oom; output %q",
+			end.Status, end.Reason, end.Signal, derefInt(end.ExitCode), out)
+	}
+	// The peak may pass the limit by the charge in flight when the OOM
+	// killer ran (seen on hosts: a page).
+	if peak <= 16<<20 || peak > limit+2<<20 {
+		t.Errorf("memory_peak_bytes = %d, want about the 32M limit (16M < peak <= 34M)", peak)
+	}
+
+	// The same hog under a limit it fits in: the limit, nothing else, killed it.
+	roomy := ts.run("admin", helperJob("alloc", Limits{Memory: 256 << 20}, "100"))
+	out2, end2 := ts.wait("admin", roomy.ID)
+	if end2.Status != statusCompleted || !strings.Contains(out2, "survived holding 100 MiB") {
+		t.Errorf("the hog under limits.memory=256M ended %s (reason %q), output %q; want COMPLETED", end2.Status, end2.Reason, out2)
+	}
+	if end2.Usage.MemoryPeakBytes < 100<<20 || end2.Usage.MemoryPeakBytes > 256<<20 {
+		t.Errorf("memory_peak_bytes under 256M = %d, want 100-256 MiB", end2.Usage.MemoryPeakBytes)
+	}
+	t.Logf("100 MiB hog: under 32M %s reason=%s signal=%s memory_peak_bytes=%d (%.1f MiB); under 256M %s memory_peak_bytes=%d (%.1f MiB)",
+		end.Status, end.Reason, end.Signal, peak, float64(peak)/(1<<20), end2.Status, end2.Usage.MemoryPeakBytes, float64(end2.Usage.MemoryPeakBytes)/(1<<20))
+}
+
+// ---- 3. cpu ----
+
+func TestGuestCPULimitThrottlesSpinningJob(t *testing.T) {
+	ts := guestServer(t)
+	begin := time.Now()
+	j := ts.run("admin", helperJob("spin", Limits{CPU: 0.2}, "1.5s"))
+	dir := jobCgroupDir(t, ts, j.ID)
+	cpuMax := readTrimmed(t, filepath.Join(dir, "cpu.max"))
+	// cpu.stat goes with the cgroup when the job ends: read it while it runs.
+	var throttled int64
+	var stat string
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
+		if err != nil {
+			break // ended
+		}
+		stat = string(b)
+		if v, ok := flatKeyed(filepath.Join(dir, "cpu.stat"), "nr_throttled"); ok && v > throttled {
+			throttled = v
+		}
+	}
+	out, end := ts.wait("admin", j.ID)
+	wall := time.Since(begin)
+	cpu := end.Usage.CPUSeconds
+
+	if cpuMax != "20000 100000" {
+		t.Errorf("cpu.max of a job with limits.cpu=0.2 = %q, want \"20000 100000\"", cpuMax)
+	}
+	if end.Status != statusCompleted {
+		t.Fatalf("the spinning job ended %s (reason %q): %s", end.Status, end.Reason, out)
+	}
+	var spinWall, spinCPU time.Duration
+	if _, err := fmt.Sscanf(strings.TrimSpace(out), "spun wall=%d cpu=%d", &spinWall, &spinCPU); err != nil {
+		t.Fatalf("spin printed %q: %v", out, err)
+	}
+	if throttled == 0 {
+		t.Errorf("cpu.stat nr_throttled stayed 0 while the job spun; last cpu.stat:\n%s", stat)
+	}
+	// 0.2 cores: at most 0.2 cpu-s per second of wall (the job's init and
+	// the payload's start count too), plus a period's slack.
+	if cpu <= 0.05 || cpu > 0.2*wall.Seconds()+0.1 {
+		t.Errorf("job cpu_seconds = %.3f in %.2f s of wall, want at most 0.2 per second", cpu, wall.Seconds())
+	}
+	if share := spinCPU.Seconds() / spinWall.Seconds(); spinCPU >= 500*time.Millisecond || share > 0.3 {
+		t.Errorf("the busy loop got %s of cpu in %s of wall (%.2f cores), want about 0.2 cores and under 0.5 s", spinCPU, spinWall, share)
+	}
+	t.Logf("busy loop under limits.cpu=0.2: spun %s of wall on %s of cpu (%.2f cores); job cpu_seconds=%.3f in %.2f s of wall; nr_throttled=%d",
+		spinWall.Round(time.Millisecond), spinCPU.Round(time.Millisecond), spinCPU.Seconds()/spinWall.Seconds(), cpu, wall.Seconds(), throttled)
+}
+
+// ---- 4. pids ----
+
+func TestGuestPidsLimitCapsJobTasks(t *testing.T) {
+	ts := guestServer(t)
+	const limit, tries = 24, 40
+	req := helperJob("forker", Limits{Pids: limit}, strconv.Itoa(tries))
+	req.Env["GOGC"] = "off" // no GC workers: the payload starts no thread of its own at the limit
+	j := ts.run("admin", req)
+	dir := jobCgroupDir(t, ts, j.ID)
+	waitForOutput(t, ts, j.ID, "started=")
+	pidsMax := readTrimmed(t, filepath.Join(dir, "pids.max"))
+	current, _ := readCgroupInt(filepath.Join(dir, "pids.current"))
+	peak, peakErr := readCgroupInt(filepath.Join(dir, "pids.peak")) // not in every kernel
+	refused, _ := flatKeyed(filepath.Join(dir, "pids.events"), "max")
+	threads := len(readCgroupPids(filepath.Join(dir, "cgroup.threads")))
+	end := stopJob(t, ts, j.ID)
+	out, _ := ts.wait("admin", j.ID)
+
+	var started, eagain, other int
+	if _, err := fmt.Sscanf(out, "started=%d eagain=%d other=%d", &started, &eagain, &other); err != nil {
+		t.Fatalf("forker printed %q: %v", out, err)
+	}
+	peakText := "absent"
+	if peakErr == nil {
+		peakText = strconv.FormatInt(peak, 10)
+	}
+	if pidsMax != strconv.Itoa(limit) {
+		t.Errorf("pids.max = %q, want %d", pidsMax, limit)
+	}
+	if eagain == 0 || other != 0 || started+eagain != tries {
+		t.Errorf("%d forks under limits.pids=%d: %d started, %d EAGAIN, %d other errors; want the rest refused with EAGAIN and nothing else", tries, limit, started, eagain, other)
+	}
+	if current > limit || threads > limit || (peakErr == nil && peak > limit) {
+		t.Errorf("the job exceeded limits.pids=%d: pids.current %d, tasks in cgroup.threads %d, pids.peak %s", limit, current, threads, peakText)
+	}
+	if refused == 0 {
+		t.Errorf("pids.events max = 0 after refused forks")
+	}
+	// The job's init (a Go program, counted too) must have lived through it.
+	if end.Status != statusStopped {
+		t.Errorf("the job ended %s (reason %q, error %q) after a stop, want STOPPED: its init did not survive the limit", end.Status, end.Reason, end.Error)
+	}
+	t.Logf("%d forks under limits.pids=%d: %d started, %d EAGAIN; pids.current %d, tasks %d, pids.peak %s, pids.events max %d",
+		tries, limit, started, eagain, current, threads, peakText, refused)
+}
+
+// ---- 5. io ----
+
+// TestGuestIOLimitThrottlesDirectReadsAndWrites: a job can only read disks
+// (SPEC §6: the host filesystem is read-only to it, its scratch space is
+// memory), so the job does the O_DIRECT reads, from a file on an ext2 made on
+// the NVMe disk, and the write half of the io.max line the server wrote is
+// checked by a root writer born into the job's cgroup (clone3
+// CLONE_INTO_CGROUP through the server's own jobCgroup.openFD). Both sides
+// are then in the job's usage, which the server reads from io.stat.
+func TestGuestIOLimitThrottlesDirectReadsAndWrites(t *testing.T) {
+	vmGuestOnly(t)
+	const size, limit = 8 << 20, 4 << 20
+	disk, dev := guestDiskFS(t) // before the server: its cleanup must run after the server's
+	ts := guestServer(t)
+
+	data := filepath.Join(disk, "data")
+	if err := os.WriteFile(data, bytes.Repeat([]byte{0xa5}, size), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	unix.Sync()
+	// busybox time: its dd does not say how long it took.
+	ddArgs := []string{"-f", "dd took %e s", "dd", "if=" + data, "of=/dev/null", "bs=1M", "iflag=direct"}
+
+	// Unlimited, through a job too: the throttle is what slows the next one.
+	free := ts.run("admin", runRequest{Command: "time", Args: ddArgs})
+	freeOut, freeEnd := ts.wait("admin", free.ID)
+	freeRead := ddSeconds(t, "unlimited read job", freeOut)
+	if freeEnd.Status != statusCompleted {
+		t.Fatalf("unlimited dd job ended %s: %s", freeEnd.Status, freeOut)
+	}
+
+	flag := filepath.Join(disk, "writer-done")
+	script := `time "$@" && echo read-done && while [ ! -e ` + flag + ` ]; do sleep 0.1; done`
+	j := ts.run("admin", runRequest{Command: "sh", Args: append([]string{"-c", script, "sh"}, ddArgs...), Limits: Limits{IOBps: limit}})
+	dir := jobCgroupDir(t, ts, j.ID)
+	ioMax := readTrimmed(t, filepath.Join(dir, "io.max"))
+
+	writeArgs := []string{"-f", "dd took %e s", "dd", "if=/dev/zero", "bs=1M", "count=8", "oflag=direct", "conv=fsync"}
+	cg := ts.srv.cgroups.job(j.ID)
+	fd, err := cg.openFD()
 	if err != nil {
 		t.Fatal(err)
 	}
-	have := strings.Fields(string(b))
-	for _, c := range []string{"cpu", "io", "memory", "pids"} {
-		if !slices.Contains(have, c) {
-			t.Errorf("cgroup.controllers = %q, missing %s", have, c)
+	w := exec.Command("/bin/time", append(writeArgs, "of="+filepath.Join(disk, "limited"))...)
+	w.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	wOut, err := w.CombinedOutput()
+	unix.Close(fd)
+	if err != nil {
+		t.Fatalf("O_DIRECT writer in the job's cgroup: %v: %s", err, wOut)
+	}
+	limitedWrite := ddSeconds(t, "writer in the job's cgroup", string(wOut))
+	if err := os.WriteFile(flag, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, end := ts.wait("admin", j.ID)
+	limitedRead := ddSeconds(t, "limited read job", out)
+
+	fw := exec.Command("/bin/time", append(writeArgs, "of="+filepath.Join(disk, "free"))...)
+	fwOut, err := fw.CombinedOutput()
+	if err != nil {
+		t.Fatalf("unlimited O_DIRECT writer: %v: %s", err, fwOut)
+	}
+	freeWrite := ddSeconds(t, "unlimited writer", string(fwOut))
+
+	if want := fmt.Sprintf("%s rbps=%d wbps=%d", dev, limit, limit); !strings.Contains(ioMax, want) {
+		t.Errorf("io.max = %q, want a line %q for the NVMe disk", ioMax, want)
+	}
+	if end.Status != statusCompleted {
+		t.Errorf("the limited read job ended %s (reason %q): %s", end.Status, end.Reason, out)
+	}
+	// size/limit = 2 s; blk-throttle lets a slice's worth through early.
+	for _, c := range []struct {
+		what        string
+		limited, fr float64
+	}{{"read", limitedRead, freeRead}, {"write", limitedWrite, freeWrite}} {
+		if c.limited < 1.5 || c.limited > 4 {
+			t.Errorf("O_DIRECT %s of 8 MiB under limits.io_bps=4M took %.2f s, want about 2 s (1.5-4)", c.what, c.limited)
+		}
+		if c.fr > c.limited/2 {
+			t.Errorf("unlimited O_DIRECT %s took %.2f s, not much faster than the limited %.2f s: the throttle is not what slowed it", c.what, c.fr, c.limited)
 		}
 	}
+	if end.Usage.IOReadBytes < size || end.Usage.IOWriteBytes < size {
+		t.Errorf("usage io_read_bytes=%d io_write_bytes=%d, want each >= %d", end.Usage.IOReadBytes, end.Usage.IOWriteBytes, size)
+	}
+	t.Logf("io.max %q; 8 MiB O_DIRECT under 4M/s: read %.2f s (unlimited %.3f s), write %.2f s (unlimited %.3f s); usage io_read_bytes=%d io_write_bytes=%d",
+		ioMax, limitedRead, freeRead, limitedWrite, freeWrite, end.Usage.IOReadBytes, end.Usage.IOWriteBytes)
 }
 
-func TestGuestMemoryMaxOOMKillsHog(t *testing.T) {
-	vmGuestOnly(t)
-	const limit = 32 << 20
-	cg, fd := guestCgroup(t, "memory")
-	guestWriteCgroupFile(t, cg, "memory.max", strconv.Itoa(limit))
-	guestWriteCgroupFile(t, cg, "memory.swap.max", "0")
-
-	cmd := helperCommand(t, "alloc", "100")
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
-	out, err := cmd.CombinedOutput()
-	events := readCgroupKeyed(t, cg, "memory.events")
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
-		max, _ := os.ReadFile(filepath.Join(cg, "memory.max"))
-		t.Fatalf("a hog touching 100 MiB under a %d-byte limit (memory.max reads %s) was not OOM-killed: %v (output %q); memory.events oom_kill=%d",
-			limit, bytes.TrimSpace(max), err, bytes.TrimSpace(out), events["oom_kill"])
-	}
-	if events["oom_kill"] != 1 {
-		t.Errorf("memory.events oom_kill = %d after killing the hog, want 1", events["oom_kill"])
-	}
-	if peak, err := os.ReadFile(filepath.Join(cg, "memory.peak")); err == nil {
-		t.Logf("memory.peak = %s", bytes.TrimSpace(peak))
-	}
-}
-
-func TestGuestIOMaxThrottlesDirectReads(t *testing.T) {
-	vmGuestOnly(t)
-	const (
-		disk  = "/dev/nvme0n1"
-		size  = 8 << 20
-		limit = 4 << 20
-	)
+// guestDiskFS makes an ext2 filesystem on the guest's raw NVMe disk and
+// mounts it on /var/disk, where jobs see it (read-only, like all of the
+// host). It returns the mount point and the disk's MAJ:MIN.
+func guestDiskFS(t *testing.T) (string, string) {
+	t.Helper()
+	vmGuestOnly(t) // it formats a disk: never on a host
 	devNum, err := os.ReadFile("/sys/block/nvme0n1/dev")
 	if err != nil {
 		t.Fatalf("the NVMe disk is missing: %v", err)
 	}
-	dev := strings.TrimSpace(string(devNum))
-	if fi, err := os.Stat(disk); err != nil || fi.Mode()&os.ModeDevice == 0 {
-		t.Fatalf("%s is not a block device (%v)", disk, err)
+	if out, err := exec.Command("/bin/mke2fs", "-F", "/dev/nvme0n1").CombinedOutput(); err != nil {
+		t.Fatalf("mke2fs /dev/nvme0n1: %v: %s", err, out)
 	}
+	dir := "/var/disk"
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The ext4 driver (built in) mounts ext2.
+	if err := unix.Mount("/dev/nvme0n1", dir, "ext4", unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		t.Fatalf("mount /dev/nvme0n1 on %s: %v", dir, err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	return dir, strings.TrimSpace(string(devNum))
+}
 
-	unlimited := directRead(t, nil, disk, size)
-	cg, fd := guestCgroup(t, "io")
-	guestWriteCgroupFile(t, cg, "io.max", fmt.Sprintf("%s rbps=%d", dev, limit))
-	limited := directRead(t, &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}, disk, size)
-	t.Logf("O_DIRECT read of %d MiB: %s unlimited, %s under rbps=%d", size>>20, unlimited, limited, limit)
+var ddTook = regexp.MustCompile(`dd took ([0-9.]+) s`)
 
-	if limited < 1500*time.Millisecond {
-		t.Errorf("reading %d MiB under io.max %s rbps=%d took %s, want >= 1.5s", size>>20, dev, limit, limited)
+// ddSeconds reads the time `time -f "dd took %e s" dd ...` reports.
+func ddSeconds(t *testing.T, what, out string) float64 {
+	t.Helper()
+	m := ddTook.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("%s: no time in dd's output %q", what, out)
 	}
-	if unlimited >= limited/2 {
-		t.Errorf("the unlimited read took %s, the limited one %s: the throttle is not what slowed it", unlimited, limited)
-	}
-	stat, err := os.ReadFile(filepath.Join(cg, "io.stat"))
+	v, _ := strconv.ParseFloat(m[1], 64)
+	return v
+}
+
+// ---- 6. stop ----
+
+func TestGuestStopKillsEveryProcessAndRemovesCgroup(t *testing.T) {
+	ts := guestServer(t)
+	// A child ignoring SIGTERM, a double-forked daemon in its own session,
+	// and a main command ignoring SIGTERM too, so only the KILL after the
+	// grace period ends the job; each sleep's argument marks it in /proc.
+	script := `sh -c 'trap "" TERM; exec sleep 4241' & sh -c 'setsid sleep 4242 &'; trap "" TERM; echo ready; exec sleep 4243`
+	j := ts.run("admin", runRequest{Command: "sh", Args: []string{"-c", script}})
+	dir := jobCgroupDir(t, ts, j.ID)
+	waitForOutput(t, ts, j.ID, "ready")
+
+	// And a process in the job's cgroup but outside its PID namespace, where
+	// the init's kill(-1) cannot reach: only the server's kill of the cgroup
+	// (cgroup.kill) ends it.
+	cg := ts.srv.cgroups.job(j.ID)
+	fd, err := cg.openFD()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var rbytes int64
-	for line := range strings.Lines(string(stat)) {
-		if f := strings.Fields(line); len(f) > 0 && f[0] == dev {
-			for _, kv := range f[1:] {
-				if v, ok := strings.CutPrefix(kv, "rbytes="); ok {
-					rbytes, _ = strconv.ParseInt(v, 10, 64)
-				}
-			}
+	intruder := exec.Command("/bin/sleep", "4244")
+	intruder.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	err = intruder.Start()
+	unix.Close(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	intruderDone := make(chan error, 1)
+	go func() { intruderDone <- intruder.Wait() }()
+	t.Cleanup(func() { intruder.Process.Kill(); <-intruderDone })
+
+	markers := []string{"4241", "4242", "4243", "4244"}
+	var procs map[string]int
+	eventually(t, 10*time.Second, func() error {
+		procs = sleepersByMarker(markers)
+		if len(procs) != len(markers) {
+			return fmt.Errorf("job processes by marker: %v, want all of %v", procs, markers)
+		}
+		return nil
+	})
+	rel := "0::" + strings.TrimPrefix(dir, cgroupMountPoint)
+	for m, pid := range procs {
+		if got := readTrimmed(t, fmt.Sprintf("/proc/%d/cgroup", pid)); got != rel {
+			t.Errorf("sleep %s (pid %d) is in %q, want the job's %q", m, pid, got, rel)
 		}
 	}
-	if rbytes < size {
-		t.Errorf("io.stat rbytes for %s = %d, want >= %d; io.stat:\n%s", dev, rbytes, size, stat)
+	if !ignoresTERM(t, procs["4241"]) {
+		t.Errorf("sleep 4241 (pid %d) does not ignore SIGTERM: the check would not test the KILL", procs["4241"])
 	}
+
+	begin := time.Now()
+	end := stopJob(t, ts, j.ID)
+	took := time.Since(begin)
+	if end.Status != statusStopped || end.Reason != reasonStopped || end.Signal != "SIGKILL" {
+		t.Errorf("after POST /stop the job is %s (reason %q, signal %q), want STOPPED by SIGKILL", end.Status, end.Reason, end.Signal)
+	}
+	if grace := ts.srv.cfg.grace; took < grace {
+		t.Errorf("a job ignoring SIGTERM stopped in %s, before the %s grace period ended", took, grace)
+	}
+	select {
+	case err := <-intruderDone:
+		intruderDone <- err
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+			t.Errorf("the process in the job's cgroup outside its PID namespace ended with %v, want SIGKILL", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Errorf("the process in the job's cgroup outside its PID namespace (pid %d) still runs 10 s after the stop", intruder.Process.Pid)
+	}
+	eventually(t, 10*time.Second, func() error {
+		if left := sleepersByMarker(markers); len(left) > 0 {
+			return fmt.Errorf("processes of the stopped job still exist: %v", left)
+		}
+		return nil
+	})
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("job cgroup %s still there after the stop (%v)", dir, err)
+	}
+	t.Logf("stopped %d processes (one ignoring TERM, a setsid daemon, one outside the PID namespace) in %s; status %s signal %s; cgroup removed",
+		len(procs), took.Round(time.Millisecond), end.Status, end.Signal)
 }
 
-// directRead runs the directread helper and returns the time its reads took.
-func directRead(t *testing.T, attr *syscall.SysProcAttr, disk string, size int) time.Duration {
+// sleepersByMarker maps each marker to the pid of a live `sleep <marker>`.
+func sleepersByMarker(markers []string) map[string]int {
+	found := map[string]int{}
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil {
+			continue
+		}
+		argv := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if len(argv) == 2 && path.Base(argv[0]) == "sleep" && slices.Contains(markers, argv[1]) {
+			if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+				if _, rest, _ := strings.Cut(string(st), ") "); strings.HasPrefix(rest, "Z") {
+					continue // dead, not yet reaped
+				}
+			}
+			found[argv[1]] = pid
+		}
+	}
+	return found
+}
+
+func ignoresTERM(t *testing.T, pid int) bool {
 	t.Helper()
-	cmd := helperCommand(t, "directread", disk, strconv.Itoa(size))
-	cmd.SysProcAttr = attr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("O_DIRECT read of %s: %v", disk, exitDetail(err))
+	v, ok := procStatus(t, pid)["SigIgn"]
+	if !ok {
+		return false
 	}
-	ns, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
-	if err != nil {
-		t.Fatalf("directread printed %q, want nanoseconds", out)
-	}
-	return time.Duration(ns)
+	mask, err := strconv.ParseUint(v, 16, 64)
+	return err == nil && mask&(1<<(uint(syscall.SIGTERM)-1)) != 0
 }
 
-type nsInfo struct {
+// ---- 7. isolation ----
+
+// isolationReport is what a job sees of its world (helperIsolation).
+type isolationReport struct {
 	Pid        int               `json:"pid"`
-	Hostname   string            `json:"hostname"`
-	Interfaces []string          `json:"interfaces"`
-	Cgroup     string            `json:"cgroup"`
+	Procs      []string          `json:"procs"` // "pid comm" of its /proc
 	NS         map[string]string `json:"ns"`
-	ProcPids   int               `json:"proc_pids"` // processes in a fresh /proc
+	Hostname   string            `json:"hostname"`
+	NetDevs    []string          `json:"net_devs"` // from /proc/net/dev
+	LoUp       bool              `json:"lo_up"`
+	DialServer string            `json:"dial_server"` // the error dialing the server's port
+	Cgroup     string            `json:"cgroup"`
+	Status     map[string]string `json:"status"` // from /proc/self/status
+	Cwd        string            `json:"cwd"`
+	Env        []string          `json:"env"`
+	RootRO     bool              `json:"root_ro"`
+	WriteRoot  string            `json:"write_root"` // the error creating /probe
+	WriteEtc   string            `json:"write_etc"`  // the error creating /etc/probe
+	TmpBefore  []string          `json:"tmp_before"`
+	WriteTmp   string            `json:"write_tmp"`
+	WriteWork  string            `json:"write_work"`
+	Dev        []string          `json:"dev"`
+	DiskNode   string            `json:"disk_node"` // the error opening /dev/nvme0n1
 }
 
 var namespaceKinds = []string{"pid", "mnt", "net", "uts", "ipc", "cgroup"}
 
-func TestGuestCloneNewNamespaces(t *testing.T) {
-	vmGuestOnly(t)
-	cmd := helperCommand(t, "nsinfo")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWPID | unix.CLONE_NEWNS |
-		unix.CLONE_NEWNET | unix.CLONE_NEWUTS | unix.CLONE_NEWIPC | unix.CLONE_NEWCGROUP}
-	out, err := cmd.Output()
+func TestGuestJobIsIsolated(t *testing.T) {
+	ts := guestServer(t)
+	// Something in the guest's /tmp, which the job's /tmp must not show.
+	hostTmp, err := os.CreateTemp("", "vmcheck-host-tmp-")
 	if err != nil {
-		t.Fatalf("clone with all namespaces: %v", exitDetail(err))
+		t.Fatal(err)
 	}
-	var got nsInfo
-	if err := json.Unmarshal(out, &got); err != nil {
-		t.Fatalf("nsinfo printed %q: %v", out, err)
+	hostTmp.Close()
+	t.Cleanup(func() { os.Remove(hostTmp.Name()) })
+	hostname, _ := os.Hostname()
+	mountsBefore := readTrimmed(t, "/proc/self/mountinfo")
+	ifacesBefore := interfaceNames(t)
+	serverAddr := strings.TrimPrefix(ts.http.URL, "https://")
+
+	j := ts.run("admin", helperJob("isolation", Limits{}, serverAddr))
+	dir := jobCgroupDir(t, ts, j.ID)
+	out, end := ts.wait("admin", j.ID)
+	if end.Status != statusCompleted {
+		t.Fatalf("isolation job ended %s (reason %q, error %q): %s", end.Status, end.Reason, end.Error, out)
 	}
+	var got isolationReport
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("isolation helper printed %q: %v", out, err)
+	}
+
 	for _, kind := range namespaceKinds {
 		mine, err := os.Readlink("/proc/self/ns/" + kind)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if got.NS[kind] == "" || got.NS[kind] == mine {
-			t.Errorf("%s namespace of the child = %q, want a new one (the parent's is %q)", kind, got.NS[kind], mine)
+			t.Errorf("%s namespace of the job = %q, want its own (the server's is %q)", kind, got.NS[kind], mine)
 		}
 	}
-	host, _ := os.Hostname()
+	ownPID := fmt.Sprintf("%d init", got.Pid)
+	if len(got.Procs) != 2 || got.Procs[0] != "1 worker-init" || !slices.Contains(got.Procs, ownPID) {
+		t.Errorf("processes the job sees = %q, want only its init and itself (\"1 worker-init\", %q)", got.Procs, ownPID)
+	}
+	status := got.Status
+	env := slices.Sorted(slices.Values(got.Env))
+	wantEnv := []string{"GOMAXPROCS=1", "HOME=" + jobWorkDir, "HOSTNAME=" + j.ID, "PATH=" + jobPath, testHelperEnv + "=isolation"}
 	checks := []struct {
 		what      string
 		got, want any
 	}{
-		{"pid in its PID namespace", got.Pid, 1},
-		{"processes in its own /proc", got.ProcPids, 1},
-		{"hostname it set", got.Hostname, "vmcheck-ns"},
-		{"parent's hostname afterwards", host, "worker-vm"},
-		{"network interfaces", strings.Join(got.Interfaces, ","), "lo"},
-		{"/proc/self/cgroup in its cgroup namespace", got.Cgroup, "0::/"},
+		{"hostname", got.Hostname, j.ID},
+		{"network devices", strings.Join(got.NetDevs, ","), "lo"},
+		{"lo up", got.LoUp, true},
+		{"/proc/self/cgroup (cgroup namespace)", got.Cgroup, "0::/"},
+		{"Uid", status["Uid"], "65534\t65534\t65534\t65534"},
+		{"Gid", status["Gid"], "65534\t65534\t65534\t65534"},
+		{"Groups", status["Groups"], ""},
+		{"CapEff", status["CapEff"], "0000000000000000"},
+		{"CapPrm", status["CapPrm"], "0000000000000000"},
+		{"CapInh", status["CapInh"], "0000000000000000"},
+		{"CapBnd", status["CapBnd"], "0000000000000000"},
+		{"CapAmb", status["CapAmb"], "0000000000000000"},
+		{"NoNewPrivs", status["NoNewPrivs"], "1"},
+		{"cwd", got.Cwd, jobWorkDir},
+		{"environment", strings.Join(env, " "), strings.Join(wantEnv, " ")},
+		{"/ mounted read-only", got.RootRO, true},
+		{"creating /probe", got.WriteRoot, "read-only file system"},
+		{"creating /etc/probe", got.WriteEtc, "read-only file system"},
+		{"/tmp at start", strings.Join(got.TmpBefore, ","), ""},
+		{"writing /tmp", got.WriteTmp, ""},
+		{"writing the work dir", got.WriteWork, ""},
+		{"opening /dev/nvme0n1", got.DiskNode, "no such file or directory"},
 	}
 	for _, c := range checks {
 		if fmt.Sprint(c.got) != fmt.Sprint(c.want) {
-			t.Errorf("%s = %v, want %v", c.what, c.got, c.want)
+			t.Errorf("%s = %q, want %q", c.what, fmt.Sprint(c.got), fmt.Sprint(c.want))
 		}
 	}
+	if !strings.Contains(got.DialServer, "connection refused") {
+		t.Errorf("dialing the server's %s from the job: %q, want connection refused (its own network namespace)", serverAddr, got.DialServer)
+	}
+	for _, d := range got.Dev {
+		if !slices.Contains([]string{"fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"}, d) {
+			t.Errorf("the job's /dev has %s: want only the harmless devices (have %q)", d, got.Dev)
+		}
+	}
+
+	// Nothing of the job's isolation leaks into the guest.
+	if h, _ := os.Hostname(); h != hostname {
+		t.Errorf("guest hostname changed from %q to %q", hostname, h)
+	}
+	if m := readTrimmed(t, "/proc/self/mountinfo"); m != mountsBefore {
+		t.Errorf("the server's mounts changed while the job ran:\nbefore:\n%s\nafter:\n%s", mountsBefore, m)
+	}
+	if ifaces := interfaceNames(t); !slices.Equal(ifaces, ifacesBefore) {
+		t.Errorf("guest interfaces changed from %q to %q", ifacesBefore, ifaces)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("job cgroup %s still there after the job ended (%v)", dir, err)
+	}
+	t.Logf("job %s: pid %d, sees %q; hostname %s; net %q; cgroup %q; uid %s; CapEff %s CapBnd %s NoNewPrivs %s; / ro (%s); /tmp empty; server port: %s",
+		j.ID, got.Pid, got.Procs, got.Hostname, got.NetDevs, got.Cgroup, strings.Fields(status["Uid"])[0], status["CapEff"], status["CapBnd"], status["NoNewPrivs"], got.WriteRoot, got.DialServer)
 }
 
-// The job init pivots into its own root; that fails with EINVAL on the
-// initramfs rootfs, which is why vmSwitchRoot exists.
-func TestGuestPivotRootWorksInNewMountNamespace(t *testing.T) {
-	vmGuestOnly(t)
-	cmd := helperCommand(t, "pivot", t.TempDir())
-	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: unix.CLONE_NEWNS}
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("pivot_root in a new mount namespace: %v", exitDetail(err))
-	}
-	if got := strings.TrimSpace(string(out)); got != "pivoted" {
-		t.Fatalf("pivot helper printed %q, want pivoted", got)
-	}
-}
-
-func TestGuestLoopbackServesHTTP(t *testing.T) {
-	vmGuestOnly(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen on loopback: %v", err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		fmt.Fprint(w, "ok")
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	client := &http.Client{Timeout: 10 * time.Second}
-	resp, err := client.Get("http://" + ln.Addr().String() + "/")
-	if err != nil {
-		t.Fatalf("GET over loopback: %v", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET over loopback: %s", resp.Status)
-	}
-}
-
-// ---- cgroup plumbing for the checks ----
-
-// guestCgroup creates a cgroup for this test under the root, with the given
-// controllers enabled for it, and returns its path and an open directory fd
-// for SysProcAttr.CgroupFD. Cleanup kills what is left in it, removes it and
-// disables again the controllers it enabled.
-func guestCgroup(t *testing.T, controllers ...string) (string, int) {
+func interfaceNames(t *testing.T) []string {
 	t.Helper()
-	ctl := filepath.Join(cgroupRoot, "cgroup.subtree_control")
-	b, err := os.ReadFile(ctl)
+	ifaces, err := net.Interfaces()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var added []string
-	for _, c := range controllers {
-		if !slices.Contains(strings.Fields(string(b)), c) {
-			added = append(added, c)
-		}
+	var names []string
+	for _, ifc := range ifaces {
+		names = append(names, ifc.Name)
 	}
-	if len(added) > 0 {
-		guestWriteCgroupFile(t, cgroupRoot, "cgroup.subtree_control", "+"+strings.Join(added, " +"))
-		t.Cleanup(func() {
-			if err := os.WriteFile(ctl, []byte("-"+strings.Join(added, " -")), 0); err != nil {
-				t.Errorf("disable %v again in %s: %v", added, ctl, err)
-			}
-		})
-	}
+	return names
+}
 
-	dir := filepath.Join(cgroupRoot, "vmcheck-"+strings.NewReplacer("/", "-").Replace(t.Name()))
-	if err := os.Mkdir(dir, 0o755); err != nil {
-		t.Fatalf("create cgroup: %v", err)
+// ---- plumbing ----
+
+// stopJob stops a job through the API and returns its final record.
+func stopJob(t *testing.T, ts *testServer, id string) Job {
+	t.Helper()
+	code, body := ts.do("admin", "POST", "/v1/jobs/"+id+"/stop", nil)
+	if code != 200 {
+		t.Fatalf("stop %s: %d %s", id, code, body)
 	}
-	t.Cleanup(func() {
-		_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
-		// A killed process leaves its cgroup a moment after it is reaped.
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			err := os.Remove(dir)
-			if err == nil {
-				return
-			}
-			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
-				t.Errorf("remove cgroup: %v", err)
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-	f, err := os.Open(dir)
+	var j Job
+	if err := json.Unmarshal(body, &j); err != nil {
+		t.Fatalf("stop %s: %v: %s", id, err, body)
+	}
+	return j
+}
+
+func ownCgroup(t *testing.T) string {
+	t.Helper()
+	cg, ok := parseProcCgroup(readTrimmed(t, "/proc/self/cgroup"))[""]
+	if !ok {
+		t.Fatal("no cgroup v2 entry in /proc/self/cgroup")
+	}
+	return cg
+}
+
+func readTrimmed(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
-	return dir, int(f.Fd())
+	return strings.TrimSpace(string(b))
 }
 
-func guestWriteCgroupFile(t *testing.T, dir, name, value string) {
+func procStatus(t *testing.T, pid int) map[string]string {
 	t.Helper()
-	path := filepath.Join(dir, name)
-	if err := os.WriteFile(path, []byte(value), 0); err != nil {
-		t.Fatalf("write %q to %s: %v", value, path, err)
-	}
-}
-
-// readCgroupKeyed reads a flat-keyed cgroup file such as memory.events.
-func readCgroupKeyed(t *testing.T, dir, name string) map[string]int64 {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(dir, name))
+	m, err := readProcStatus(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
-	}
-	m := map[string]int64{}
-	for line := range strings.Lines(string(b)) {
-		if k, v, ok := strings.Cut(strings.TrimSpace(line), " "); ok {
-			m[k], _ = strconv.ParseInt(v, 10, 64)
-		}
 	}
 	return m
 }
 
-// helperCommand runs this test binary in one of its testHelpers modes, under
-// a deadline.
-func helperCommand(t *testing.T, name string, args ...string) *exec.Cmd {
-	t.Helper()
-	exe, err := os.Executable()
+func readProcStatus(p string) (map[string]string, error) {
+	b, err := os.ReadFile(p)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
-	t.Cleanup(cancel)
-	cmd := exec.CommandContext(ctx, exe, args...)
-	cmd.Env = append(os.Environ(), testHelperEnv+"="+name)
-	cmd.WaitDelay = 5 * time.Second
-	return cmd
+	m := map[string]string{}
+	for line := range strings.Lines(string(b)) {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	return m, nil
 }
 
-// exitDetail adds a failed helper's stderr to its error.
-func exitDetail(err error) string {
-	var exit *exec.ExitError
-	if errors.As(err, &exit) && len(exit.Stderr) > 0 {
-		return fmt.Sprintf("%v: %s", err, bytes.TrimSpace(exit.Stderr))
-	}
-	return err.Error()
+// lockedBuffer is a bytes.Buffer safe for the server's concurrent logging.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // ---- payloads ----
@@ -363,124 +773,123 @@ func helperAlloc(args []string) error {
 	return nil
 }
 
-// helperDirectRead reads args[1] bytes of args[0] with O_DIRECT, bypassing
-// the page cache so every byte is a real, throttleable I/O, and prints the
-// nanoseconds the reads took.
-func helperDirectRead(args []string) error {
-	size, err := strconv.Atoi(args[1])
+// helperSpin spins for args[0] of wall time and prints the wall time and
+// the cpu time it got, in nanoseconds.
+func helperSpin(args []string) error {
+	d, err := time.ParseDuration(args[0])
 	if err != nil {
 		return err
 	}
-	fd, err := unix.Open(args[0], unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s O_DIRECT: %w", args[0], err)
-	}
-	defer unix.Close(fd)
-	// O_DIRECT needs a block-aligned buffer: mmap is page-aligned.
-	buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
-	if err != nil {
-		return err
-	}
-	defer unix.Munmap(buf)
 	start := time.Now()
-	for off := 0; off < size; {
-		n, err := unix.Pread(fd, buf, int64(off))
-		if err != nil {
-			return fmt.Errorf("read %s at %d: %w", args[0], off, err)
-		}
-		if n == 0 {
-			return fmt.Errorf("read %s: end of device at %d", args[0], off)
-		}
-		off += n
+	for time.Since(start) < d {
 	}
-	fmt.Println(time.Since(start).Nanoseconds())
+	wall := time.Since(start)
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return err
+	}
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	fmt.Printf("spun wall=%d cpu=%d\n", wall.Nanoseconds(), cpu.Nanoseconds())
 	return nil
 }
 
-// helperNSInfo describes the namespaces it runs in, as JSON.
-func helperNSInfo([]string) error {
-	info := nsInfo{Pid: os.Getpid(), NS: map[string]string{}}
-	for _, kind := range namespaceKinds {
-		link, err := os.Readlink("/proc/self/ns/" + kind)
-		if err != nil {
-			return err
+// helperForker starts args[0] `sleep 600` processes, counting the forks
+// refused, prints the counts and waits to be stopped.
+func helperForker(args []string) error {
+	n, err := strconv.Atoi(args[0])
+	if err != nil {
+		return err
+	}
+	started, eagain, other := 0, 0, 0
+	for range n {
+		_, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "600"}, &syscall.ProcAttr{})
+		switch {
+		case err == nil:
+			started++
+		case errors.Is(err, syscall.EAGAIN):
+			eagain++
+		default:
+			other++
+			fmt.Fprintln(os.Stderr, "fork:", err)
 		}
-		info.NS[kind] = link
 	}
-	if err := unix.Sethostname([]byte("vmcheck-ns")); err != nil {
-		return fmt.Errorf("sethostname: %w", err)
-	}
-	info.Hostname, _ = os.Hostname()
-	ifaces, err := net.Interfaces()
-	if err != nil {
-		return err
-	}
-	for _, ifc := range ifaces {
-		info.Interfaces = append(info.Interfaces, ifc.Name)
-	}
-	cg, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return err
-	}
-	info.Cgroup = strings.TrimSpace(string(cg))
+	fmt.Printf("started=%d eagain=%d other=%d\n", started, eagain, other)
+	time.Sleep(time.Hour)
+	return nil
+}
 
-	// A fresh proc mount shows only this PID namespace.
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
-	}
-	proc, err := os.MkdirTemp("", "proc-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(proc)
-	if err := unix.Mount("proc", proc, "proc", 0, ""); err != nil {
-		return fmt.Errorf("mount proc: %w", err)
-	}
-	defer unix.Unmount(proc, unix.MNT_DETACH)
-	ents, err := os.ReadDir(proc)
+// helperIsolation reports what the job sees, as JSON; args[0] is the
+// server's address, which must be unreachable.
+func helperIsolation(args []string) error {
+	r := isolationReport{Pid: os.Getpid(), NS: map[string]string{}}
+	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return err
 	}
 	for _, e := range ents {
-		if _, err := strconv.Atoi(e.Name()); err == nil {
-			info.ProcPids++
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+			r.Procs = append(r.Procs, fmt.Sprintf("%d %s", pid, strings.TrimSpace(string(comm))))
 		}
 	}
-	return json.NewEncoder(os.Stdout).Encode(info)
-}
-
-// helperPivot pivots into a fresh tmpfs under args[0], as the job init
-// does, and checks the old root is gone. Run it in a new mount namespace.
-func helperPivot(args []string) error {
-	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
-		return fmt.Errorf("make mounts private: %w", err)
+	for _, kind := range namespaceKinds {
+		r.NS[kind], _ = os.Readlink("/proc/self/ns/" + kind)
 	}
-	root := args[0]
-	if err := unix.Mount("tmpfs", root, "tmpfs", 0, "mode=0755"); err != nil {
-		return fmt.Errorf("mount tmpfs on %s: %w", root, err)
-	}
-	if err := os.Mkdir(filepath.Join(root, "old"), 0o700); err != nil {
+	r.Hostname, _ = os.Hostname()
+	netdev, err := os.ReadFile("/proc/net/dev")
+	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(root, "marker"), nil, 0o644); err != nil {
+	for line := range strings.Lines(string(netdev)) {
+		if name, _, ok := strings.Cut(line, ":"); ok && !strings.Contains(name, "|") {
+			r.NetDevs = append(r.NetDevs, strings.TrimSpace(name))
+		}
+	}
+	if lo, err := net.InterfaceByName("lo"); err == nil {
+		r.LoUp = lo.Flags&net.FlagUp != 0
+	}
+	if c, err := net.DialTimeout("tcp", args[0], 5*time.Second); err != nil {
+		r.DialServer = err.Error()
+	} else {
+		c.Close()
+	}
+	cg, _ := os.ReadFile("/proc/self/cgroup")
+	r.Cgroup = strings.TrimSpace(string(cg))
+	if r.Status, err = readProcStatus("/proc/self/status"); err != nil {
 		return err
 	}
-	// pivot_root(2): new_root must be a mount point not on the current root's mount.
-	if err := unix.PivotRoot(root, filepath.Join(root, "old")); err != nil {
-		return fmt.Errorf("pivot_root %s: %w", root, err)
+	r.Cwd, _ = os.Getwd()
+	r.Env = os.Environ()
+	var st unix.Statfs_t
+	if err := unix.Statfs("/", &st); err == nil {
+		r.RootRO = st.Flags&unix.ST_RDONLY != 0
 	}
-	if err := os.Chdir("/"); err != nil {
-		return err
+	errText := func(err error) string {
+		var errno syscall.Errno
+		if errors.As(err, &errno) {
+			return errno.Error()
+		}
+		if err != nil {
+			return err.Error()
+		}
+		return ""
 	}
-	if err := unix.Unmount("/old", unix.MNT_DETACH); err != nil {
-		return fmt.Errorf("detach the old root: %w", err)
+	r.WriteRoot = errText(os.WriteFile("/probe", nil, 0o644))
+	r.WriteEtc = errText(os.WriteFile("/etc/probe", nil, 0o644))
+	tmp, _ := os.ReadDir("/tmp")
+	for _, e := range tmp {
+		r.TmpBefore = append(r.TmpBefore, e.Name())
 	}
-	if _, err := os.Stat("/marker"); err != nil {
-		return fmt.Errorf("after pivot_root: %w", err)
+	r.WriteTmp = errText(os.WriteFile("/tmp/probe", []byte("x"), 0o644))
+	r.WriteWork = errText(os.WriteFile(filepath.Join(jobWorkDir, "probe"), []byte("x"), 0o644))
+	dev, _ := os.ReadDir("/dev")
+	for _, e := range dev {
+		r.Dev = append(r.Dev, e.Name())
 	}
-	if _, err := os.Stat("/init"); err == nil {
-		return errors.New("after pivot_root the old root's /init is still visible")
+	f, err := os.Open("/dev/nvme0n1")
+	if err == nil {
+		f.Close()
 	}
-	fmt.Println("pivoted")
-	return nil
+	r.DiskNode = errText(err)
+	return json.NewEncoder(os.Stdout).Encode(r)
 }

@@ -124,17 +124,18 @@ func TestCgroupV2VM(t *testing.T) {
 	start := time.Now()
 	qemu := vmQemu(t)
 	kernel := vmKernel(t)
+	busybox, applets := vmBusybox(t)
 	depsDone := time.Now()
 
 	dir := t.TempDir()
 	bin := vmBuildTestBinary(t, dir)
 	want := vmListGuestChecks(t, bin)
 	initrd := filepath.Join(dir, "initrd.cpio")
-	if err := writeInitramfs(initrd, bin); err != nil {
+	if err := writeInitramfs(initrd, bin, busybox, applets); err != nil {
 		t.Fatal(err)
 	}
-	// The raw disk stays unformatted (no mkfs here): io checks use O_DIRECT
-	// on /dev/nvme0n1 itself. Sparse, so it costs nothing on the host.
+	// A raw disk: the io check formats it in the guest with busybox mke2fs.
+	// Sparse, so it costs nothing on the host.
 	disk := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(disk, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -373,19 +374,48 @@ func vmQemu(t *testing.T) string {
 	return p
 }
 
-// vmKernel returns a Debian cloud kernel from the cache, fetching it once:
-// the package is downloaded and unpacked, never installed on the host. Its
-// NVMe driver is built in, so the guest needs no modules. To move to a newer
-// kernel, delete the cache directory.
+// vmKernel returns a Debian cloud kernel from the cache, fetching it once.
+// Its NVMe driver and ext4 are built in, so the guest needs no modules.
 func vmKernel(t *testing.T) string {
+	t.Helper()
+	return vmCachedFromDeb(t, "vmlinuz", cloudKernelPackage, "boot/vmlinuz-*")
+}
+
+// vmBusybox returns a static busybox from the cache (fetching it once) and
+// the applets it has. It gives the guest the shell, sleep, dd, ps and mke2fs
+// that the guest checks' jobs run, as a host's jobs would run the host's.
+func vmBusybox(t *testing.T) (string, []string) {
+	t.Helper()
+	bb := vmCachedFromDeb(t, "busybox", func(*testing.T) (string, error) { return "busybox-static", nil }, "bin/busybox")
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, bb, "--list").Output()
+	if err != nil {
+		t.Fatalf("list the applets of %s: %v (delete it to fetch it again)", bb, err)
+	}
+	applets := strings.Fields(string(out))
+	for _, need := range []string{"sh", "sleep", "dd", "mke2fs"} {
+		if !slices.Contains(applets, need) {
+			t.Fatalf("%s has no %s applet (has %q); delete it to fetch it again", bb, need, applets)
+		}
+	}
+	return bb, applets
+}
+
+// vmCachedFromDeb returns <cache>/<name>, fetching it once from a Debian
+// package: pkg names the package, which is downloaded with apt-get download
+// and unpacked with dpkg -x, never installed on the host; pick is the glob
+// of the one file wanted in the unpacked tree. To move to newer packages,
+// delete the cache directory.
+func vmCachedFromDeb(t *testing.T, name string, pkg func(*testing.T) (string, error), pick string) string {
 	t.Helper()
 	cache, err := vmCacheDir()
 	if err != nil {
 		t.Fatal(err)
 	}
-	kernel := filepath.Join(cache, "vmlinuz")
-	if _, err := os.Stat(kernel); err == nil {
-		return kernel
+	dest := filepath.Join(cache, name)
+	if _, err := os.Stat(dest); err == nil {
+		return dest
 	}
 	if err := os.MkdirAll(cache, 0o755); err != nil {
 		t.Fatalf("create the VM cache: %v", err)
@@ -396,17 +426,17 @@ func vmKernel(t *testing.T) string {
 	}
 	defer os.RemoveAll(work)
 
-	pkg, err := cloudKernelPackage(t)
+	deb, err := pkg(t)
 	if err != nil {
 		// The package lists may be missing or stale on a fresh machine.
 		if err := aptRun(t, "", "apt-get", "update"); err != nil {
 			t.Fatal(err)
 		}
-		if pkg, err = cloudKernelPackage(t); err != nil {
+		if deb, err = pkg(t); err != nil {
 			t.Fatal(err)
 		}
 	}
-	download := func() error { return aptRun(t, work, "apt-get", "download", pkg) }
+	download := func() error { return aptRun(t, work, "apt-get", "download", deb) }
 	if err := download(); err != nil {
 		if err := aptRun(t, "", "apt-get", "update"); err != nil {
 			t.Fatal(err)
@@ -415,27 +445,27 @@ func vmKernel(t *testing.T) string {
 			t.Fatal(err)
 		}
 	}
-	debs, _ := filepath.Glob(filepath.Join(work, pkg+"_*.deb"))
+	debs, _ := filepath.Glob(filepath.Join(work, deb+"_*.deb"))
 	if len(debs) != 1 {
-		t.Fatalf("apt-get download %s left %d .deb files in %s, want 1", pkg, len(debs), work)
+		t.Fatalf("apt-get download %s left %d .deb files in %s, want 1", deb, len(debs), work)
 	}
 	root := filepath.Join(work, "root")
 	if err := aptRun(t, "", "dpkg", "-x", debs[0], root); err != nil {
 		t.Fatal(err)
 	}
-	found, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
+	found, _ := filepath.Glob(filepath.Join(root, pick))
 	if len(found) != 1 {
-		t.Fatalf("%s holds %d /boot/vmlinuz-* files, want 1", debs[0], len(found))
+		t.Fatalf("%s holds %d %s files, want 1", debs[0], len(found), pick)
 	}
-	// Rename last: a run killed half-way leaves no half a kernel in the cache.
-	if err := os.Rename(found[0], kernel); err != nil {
-		t.Fatalf("cache the kernel: %v", err)
+	// Rename last: a run killed half-way leaves nothing half-made in the cache.
+	if err := os.Rename(found[0], dest); err != nil {
+		t.Fatalf("cache %s: %v", dest, err)
 	}
-	if err := os.WriteFile(kernel+".source", []byte(filepath.Base(debs[0])+"\n"), 0o644); err != nil {
-		t.Fatalf("cache the kernel: %v", err)
+	if err := os.WriteFile(dest+".source", []byte(filepath.Base(debs[0])+"\n"), 0o644); err != nil {
+		t.Fatalf("cache %s: %v", dest, err)
 	}
-	t.Logf("cached %s from %s", kernel, filepath.Base(debs[0]))
-	return kernel
+	t.Logf("cached %s from %s", dest, filepath.Base(debs[0]))
+	return dest
 }
 
 // cloudKernelPackage resolves the linux-image-cloud-amd64 metapackage to the
@@ -481,17 +511,18 @@ func aptOutput(t *testing.T, dir, name string, args ...string) ([]byte, error) {
 
 // writeInitramfs writes an uncompressed newc cpio archive (the format of
 // Documentation/driver-api/early-userspace/buffer-format.rst) holding bin
-// as /init, the directories PID 1 mounts on, /dev/console (the kernel opens
-// it for init's stdio before any devtmpfs exists) and the users jobs run as.
+// as /init, busybox as /bin/busybox with a /bin symlink per applet, the
+// directories PID 1 mounts on, /dev/console (the kernel opens it for init's
+// stdio before any devtmpfs exists) and the users jobs run as.
 // Uncompressed because gunzip in an emulated CPU costs more than the bytes.
-func writeInitramfs(path, bin string) error {
+func writeInitramfs(path, bin, busybox string, applets []string) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("create initramfs: %w", err)
 	}
 	defer f.Close()
 	w := &newcWriter{w: bufio.NewWriterSize(f, 1<<20)}
-	for _, d := range []string{"dev", "etc", "newroot", "proc", "root", "run", "sys", "var", "var/lib"} {
+	for _, d := range []string{"bin", "dev", "etc", "newroot", "proc", "root", "run", "sys", "var", "var/lib"} {
 		w.entry(d, unix.S_IFDIR|0o755, 0, 0, nil)
 	}
 	w.entry("tmp", unix.S_IFDIR|0o1777, 0, 0, nil)
@@ -511,6 +542,22 @@ func writeInitramfs(path, bin string) error {
 		return fmt.Errorf("stat test binary: %w", err)
 	}
 	w.entry("init", unix.S_IFREG|0o755, st.Size(), 0, b)
+
+	bb, err := os.Open(busybox)
+	if err != nil {
+		return fmt.Errorf("open busybox: %w", err)
+	}
+	defer bb.Close()
+	if st, err = bb.Stat(); err != nil {
+		return fmt.Errorf("stat busybox: %w", err)
+	}
+	w.entry("bin/busybox", unix.S_IFREG|0o755, st.Size(), 0, bb)
+	for _, a := range applets {
+		if a == "busybox" || strings.ContainsAny(a, "/\x00") {
+			continue
+		}
+		w.entry("bin/"+a, unix.S_IFLNK|0o777, int64(len("busybox")), 0, strings.NewReader("busybox"))
+	}
 	w.entry("TRAILER!!!", 0, 0, 0, nil)
 	if w.err != nil {
 		return fmt.Errorf("write initramfs %s: %w", path, w.err)
@@ -1060,8 +1107,12 @@ func TestInitramfsIsNewcArchive(t *testing.T) {
 	if err := os.WriteFile(bin, []byte("\x7fELF pretend binary"), 0o755); err != nil {
 		t.Fatal(err)
 	}
+	busybox := filepath.Join(dir, "busybox")
+	if err := os.WriteFile(busybox, []byte("\x7fELF pretend busybox"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	initrd := filepath.Join(dir, "initrd")
-	if err := writeInitramfs(initrd, bin); err != nil {
+	if err := writeInitramfs(initrd, bin, busybox, []string{"busybox", "sh", "sleep"}); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(initrd)
@@ -1110,6 +1161,9 @@ func TestInitramfsIsNewcArchive(t *testing.T) {
 		{"dev/console", unix.S_IFCHR | 0o600, "5:1", ""},
 		{"tmp", unix.S_IFDIR | 0o1777, "0:0", ""},
 		{"newroot", unix.S_IFDIR | 0o755, "0:0", ""},
+		{"bin/busybox", unix.S_IFREG | 0o755, "0:0", "\x7fELF pretend busybox"},
+		{"bin/sh", unix.S_IFLNK | 0o777, "0:0", "busybox"},
+		{"bin/sleep", unix.S_IFLNK | 0o777, "0:0", "busybox"},
 	}
 	for _, c := range checks {
 		e, ok := entries[c.name]
