@@ -35,6 +35,3 @@ demo: build
 clean:
 	rm -rf bin
 
-# Only the cgroup v2 checks, in a qemu VM (also part of `make test`).
-test-vm:
-	CGO_ENABLED=0 $(GO) test -run '^TestCgroupV2VM$$' -v -count=1 -timeout 10m .

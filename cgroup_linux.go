@@ -12,8 +12,12 @@
 //     each hierarchy used (cpu, cpuacct, memory, blkio, pids, freezer).
 //   - a job's command, and everything it starts, lives in the sub-cgroup
 //     <id>/command, which carries the pids limit; the job's init stays out of
-//     it (v2: in <id>/init), so -pids counts the job's tasks and never the
-//     init's threads. The other limits are on <id> and cover the init too.
+//     it, so -pids counts the job's tasks and never the init's threads. The
+//     other limits are on <id> and cover the init too. v1: the init stays in
+//     <id>. v2: the init is born in <id>, roots its cgroup namespace there,
+//     then moves to <id>/init and enables pids for <id>'s children itself
+//     (no process may stay in <id> once it does), so its namespace contains
+//     its command's cgroup (see commandFiles).
 //   - a job cgroup has its limits written before any process enters it, and is
 //     removed only once no process is left in it.
 package main
@@ -324,12 +328,6 @@ func (t *cgroupTree) newJob(id string, l Limits) (*jobCgroup, error) {
 	}
 	var subs []string
 	if j.unified {
-		// Controllers enabled for the children first: after that <id> may
-		// hold no process, and the pids limit sits on <id>/command.
-		if err := writeCgroupFile(filepath.Join(j.dirs[0].jobs, "cgroup.subtree_control"), "+pids"); err != nil {
-			j.remove()
-			return nil, fmt.Errorf("job %s: enable pids for its sub-cgroups: %w", id, err)
-		}
 		subs = []string{filepath.Join(j.dirs[0].jobs, initCgroup), filepath.Join(j.dirs[0].jobs, commandCgroup)}
 	} else {
 		subs = []string{filepath.Join(j.dir("pids"), commandCgroup)}
@@ -392,11 +390,8 @@ func (j *jobCgroup) limitUnified(l Limits) error {
 			return err
 		}
 	}
-	if l.Pids > 0 {
-		if err := writeCgroupFile(filepath.Join(dir, commandCgroup, "pids.max"), strconv.FormatInt(l.Pids, 10)); err != nil {
-			return err
-		}
-	}
+	// pids.max of <id>/command exists only once the init has enabled pids
+	// for <id>'s children; the init writes it then (commandFiles).
 	return nil
 }
 
@@ -476,7 +471,7 @@ func (j *jobCgroup) openFD() (int, error) {
 	if len(j.dirs) == 0 {
 		return -1, fmt.Errorf("job cgroup: invalid job id %q", j.id)
 	}
-	dir := filepath.Join(j.dirs[0].jobs, initCgroup)
+	dir := j.dirs[0].jobs
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, fmt.Errorf("open job cgroup %s: %w", dir, err)
@@ -487,7 +482,11 @@ func (j *jobCgroup) openFD() (int, error) {
 // commandFiles are what the job's init needs to start its command in
 // <id>/command, handed to it as open files because it cannot reach the
 // cgroup filesystem once it is isolated:
-//   - v2: the directory, for clone3's CLONE_INTO_CGROUP.
+//   - v2: <id>/init's cgroup.procs, <id>'s cgroup.subtree_control and the
+//     <id>/command directory. The init, born in <id>, roots its cgroup
+//     namespace there, moves into <id>/init, enables pids for <id>'s
+//     children, writes <id>/command's pids.max through the directory, and
+//     clones its command into it (CLONE_INTO_CGROUP).
 //   - v1: the command cgroup's tasks and pids.max, and the job cgroup's
 //     cgroup.procs, in the pids hierarchy. v1 has no clone into a cgroup, so
 //     the init moves its forking thread in, forks, lowers pids.max to the
@@ -502,7 +501,12 @@ func (j *jobCgroup) commandFiles() ([]*os.File, error) {
 	}
 	var wants []want
 	if j.unified {
-		wants = []want{{filepath.Join(j.dirs[0].jobs, commandCgroup), unix.O_PATH | unix.O_DIRECTORY}}
+		dir := j.dirs[0].jobs
+		wants = []want{
+			{filepath.Join(dir, initCgroup, "cgroup.procs"), unix.O_WRONLY},
+			{filepath.Join(dir, "cgroup.subtree_control"), unix.O_WRONLY},
+			{filepath.Join(dir, commandCgroup), unix.O_PATH | unix.O_DIRECTORY},
+		}
 	} else {
 		pids := j.dir("pids")
 		wants = []want{

@@ -458,14 +458,14 @@ func TestUnifiedJobLimitsAreWrittenExactly(t *testing.T) {
 			"memory.swap.max":  "0",
 			"memory.oom.group": "1",
 			"io.max":           "8:0 rbps=2097152 wbps=2097152\n254:0 rbps=2097152 wbps=2097152\n",
-			"command/pids.max": "10", "pids.max": "", "cgroup.subtree_control": "+pids",
+			"pids.max": "", "cgroup.subtree_control": "", // the pids limit is the init's to write (commandFiles)
 		}},
 		{"tiny cpu gets the kernel minimum", Limits{CPU: 0.001, Pids: 5}, nil, map[string]string{
-			"cpu.max": "1000 100000", "memory.max": "", "io.max": "", "command/pids.max": "5", "pids.max": "",
+			"cpu.max": "1000 100000", "memory.max": "", "io.max": "", "pids.max": "",
 		}},
 		{"two cores", Limits{CPU: 2, Pids: 5}, nil, map[string]string{"cpu.max": "200000 100000"}},
 		{"zero limits are not written", Limits{Pids: 64}, nil, map[string]string{
-			"cpu.max": "", "memory.max": "", "memory.swap.max": "", "memory.oom.group": "", "io.max": "", "command/pids.max": "64", "init/pids.max": "",
+			"cpu.max": "", "memory.max": "", "memory.swap.max": "", "memory.oom.group": "", "io.max": "", "command/pids.max": "",
 		}},
 		{"no swap accounting", Limits{Memory: 1 << 30, Pids: 1}, []string{"memory.swap.max"}, map[string]string{
 			"memory.max": "1073741824", "memory.oom.group": "1",

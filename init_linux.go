@@ -78,8 +78,8 @@ type initSpec struct {
 }
 
 const (
-	commandCgroupV2 = "clone-into" // fd 4: the command cgroup's directory
-	commandCgroupV1 = "move-tid"   // fds 4, 5, 6: its tasks and pids.max, the job's cgroup.procs
+	commandCgroupV2 = "clone-into" // fds 4, 5, 6: <id>/init's cgroup.procs, <id>'s subtree_control, the <id>/command directory
+	commandCgroupV1 = "move-tid"   // fds 4, 5, 6: <id>/command's tasks and pids.max, <id>'s cgroup.procs
 	firstCgroupFD   = 4
 )
 
@@ -142,6 +142,11 @@ func runInit(jobDir string) int {
 	// the one that needs it.
 	if err := unix.Unshare(unix.CLONE_NEWCGROUP); err != nil {
 		return ji.startFailed(fmt.Errorf("cgroup namespace: %w", err), exitSetupFailed)
+	}
+	if ji.spec.CommandCgroup == commandCgroupV2 {
+		if err := ji.prepareCommandCgroupV2(); err != nil {
+			return ji.startFailed(err, exitSetupFailed)
+		}
 	}
 	outFD, err := unix.Openat(dirFD, outputFile, unix.O_WRONLY|unix.O_APPEND|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -274,7 +279,7 @@ func (ji *jobInit) startInCommandCgroup(cmd *exec.Cmd) error {
 	switch ji.spec.CommandCgroup {
 	case commandCgroupV2:
 		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = firstCgroupFD
+		cmd.SysProcAttr.CgroupFD = firstCgroupFD + 2
 		return cmd.Start()
 	case commandCgroupV1:
 		tasks, pidsMax, jobProcs := firstCgroupFD, firstCgroupFD+1, firstCgroupFD+2
@@ -297,6 +302,30 @@ func (ji *jobInit) startInCommandCgroup(cmd *exec.Cmd) error {
 		return startErr
 	}
 	return cmd.Start()
+}
+
+// prepareCommandCgroupV2 leaves <id> for <id>/init, so that pids can be
+// enabled for <id>'s children (a v2 cgroup with processes cannot), and sets
+// the pids limit on <id>/command, where the command will be cloned.
+func (ji *jobInit) prepareCommandCgroupV2() error {
+	initProcs, subtreeControl, commandDir := firstCgroupFD, firstCgroupFD+1, firstCgroupFD+2
+	if err := writeFD(initProcs, strconv.Itoa(os.Getpid())); err != nil {
+		return fmt.Errorf("move into the init cgroup: %w", err)
+	}
+	if err := writeFD(subtreeControl, "+pids"); err != nil {
+		return fmt.Errorf("enable pids for the command cgroup: %w", err)
+	}
+	if ji.spec.Pids > 0 {
+		fd, err := unix.Openat(commandDir, "pids.max", unix.O_WRONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("open the command cgroup's pids.max: %w", err)
+		}
+		defer unix.Close(fd)
+		if err := writeFD(fd, strconv.FormatInt(ji.spec.Pids, 10)); err != nil {
+			return fmt.Errorf("set pids limit: %w", err)
+		}
+	}
+	return nil
 }
 
 // setupError is a start failure that is the worker's, not the command's.

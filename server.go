@@ -627,7 +627,7 @@ func (s *server) launch(rec record, timeout time.Duration, lj *liveJob) (*exec.C
 		}()
 		cmd.ExtraFiles = append(cmd.ExtraFiles, files...)
 		commandCgroup = commandCgroupV1
-		if len(files) == 1 {
+		if lj.cg.unified {
 			commandCgroup = commandCgroupV2
 		}
 		if cgFD, err = lj.cg.openFD(); err != nil {

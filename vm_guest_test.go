@@ -141,7 +141,7 @@ func TestGuestServerDetectsUnifiedModeAndMovesIntoLeaf(t *testing.T) {
 		t.Errorf("processes %q in %s/jobs itself, want none (no internal processes)", procs, own)
 	}
 
-	// A job's init is born in <own>/jobs/<id>, with the default pids limit.
+	// A job's cgroup is <own>/jobs/<id>, its command's <id>/command with the default pids limit.
 	j := ts.run("admin", runRequest{Command: "sleep", Args: []string{"60"}})
 	rec, _ := ts.srv.store.get(j.ID)
 	dir := jobCgroupDir(t, ts, j.ID)
@@ -149,11 +149,16 @@ func TestGuestServerDetectsUnifiedModeAndMovesIntoLeaf(t *testing.T) {
 		t.Errorf("job cgroup at %s, want %s", dir, want)
 	}
 	initCg := readTrimmed(t, fmt.Sprintf("/proc/%d/cgroup", rec.InitPID))
-	if want := "0::" + path.Join(base, "jobs", j.ID); initCg != want {
+	// Born in <id>, the init moves to <id>/init so pids can be enabled below <id>.
+	if want := "0::" + path.Join(base, "jobs", j.ID, initCgroup); initCg != want {
 		t.Errorf("the job's init (pid %d) is in %q, want %q", rec.InitPID, initCg, want)
 	}
-	if got := readTrimmed(t, filepath.Join(dir, "pids.max")); got != strconv.FormatInt(ts.srv.cfg.pids, 10) {
+	// The pids limit is on the command's own cgroup, below the init's.
+	if got := readTrimmed(t, filepath.Join(dir, commandCgroup, "pids.max")); got != strconv.FormatInt(ts.srv.cfg.pids, 10) {
 		t.Errorf("pids.max of a job that asked for no limit = %s, want the server default %d", got, ts.srv.cfg.pids)
+	}
+	if got := readTrimmed(t, filepath.Join(dir, commandCgroup, "cgroup.procs")); got == "" || strings.Contains(got, strconv.Itoa(rec.InitPID)) {
+		t.Errorf("%s/%s/cgroup.procs = %q, want the command and not the init (%d)", dir, commandCgroup, got, rec.InitPID)
 	}
 	stopJob(t, ts, j.ID)
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
@@ -254,6 +259,8 @@ func TestGuestPidsLimitCapsJobTasks(t *testing.T) {
 	j := ts.run("admin", req)
 	dir := jobCgroupDir(t, ts, j.ID)
 	waitForOutput(t, ts, j.ID, "started=")
+	// The limit is on the command's cgroup: the init's threads never count.
+	dir = filepath.Join(dir, commandCgroup)
 	pidsMax := readTrimmed(t, filepath.Join(dir, "pids.max"))
 	current, _ := readCgroupInt(filepath.Join(dir, "pids.current"))
 	peak, peakErr := readCgroupInt(filepath.Join(dir, "pids.peak")) // not in every kernel
@@ -328,11 +335,7 @@ func TestGuestIOLimitThrottlesDirectReadsAndWrites(t *testing.T) {
 	ioMax := readTrimmed(t, filepath.Join(dir, "io.max"))
 
 	writeArgs := []string{"-f", "dd took %e s", "dd", "if=/dev/zero", "bs=1M", "count=8", "oflag=direct", "conv=fsync"}
-	cg := ts.srv.cgroups.job(j.ID)
-	fd, err := cg.openFD()
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd := openCommandCgroup(t, dir)
 	w := exec.Command("/bin/time", append(writeArgs, "of="+filepath.Join(disk, "limited"))...)
 	w.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
 	wOut, err := w.CombinedOutput()
@@ -436,14 +439,10 @@ func TestGuestStopKillsEveryProcessAndRemovesCgroup(t *testing.T) {
 	// And a process in the job's cgroup but outside its PID namespace, where
 	// the init's kill(-1) cannot reach: only the server's kill of the cgroup
 	// (cgroup.kill) ends it.
-	cg := ts.srv.cgroups.job(j.ID)
-	fd, err := cg.openFD()
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd := openCommandCgroup(t, jobCgroupDir(t, ts, j.ID))
 	intruder := exec.Command("/bin/sleep", "4244")
 	intruder.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
-	err = intruder.Start()
+	err := intruder.Start()
 	unix.Close(fd)
 	if err != nil {
 		t.Fatal(err)
@@ -461,10 +460,10 @@ func TestGuestStopKillsEveryProcessAndRemovesCgroup(t *testing.T) {
 		}
 		return nil
 	})
-	rel := "0::" + strings.TrimPrefix(dir, cgroupMountPoint)
+	rel := "0::" + path.Join(strings.TrimPrefix(dir, cgroupMountPoint), commandCgroup)
 	for m, pid := range procs {
 		if got := readTrimmed(t, fmt.Sprintf("/proc/%d/cgroup", pid)); got != rel {
-			t.Errorf("sleep %s (pid %d) is in %q, want the job's %q", m, pid, got, rel)
+			t.Errorf("sleep %s (pid %d) is in %q, want the job's command cgroup %q", m, pid, got, rel)
 		}
 	}
 	if !ignoresTERM(t, procs["4241"]) {
@@ -614,7 +613,8 @@ func TestGuestJobIsIsolated(t *testing.T) {
 		{"hostname", got.Hostname, j.ID},
 		{"network devices", strings.Join(got.NetDevs, ","), "lo"},
 		{"lo up", got.LoUp, true},
-		{"/proc/self/cgroup (cgroup namespace)", got.Cgroup, "0::/"},
+		// Rooted at the job's cgroup; the command lives in its sub-cgroup.
+		{"/proc/self/cgroup (cgroup namespace)", got.Cgroup, "0::/" + commandCgroup},
 		{"Uid", status["Uid"], "65534\t65534\t65534\t65534"},
 		{"Gid", status["Gid"], "65534\t65534\t65534\t65534"},
 		{"Groups", status["Groups"], ""},
@@ -892,4 +892,16 @@ func helperIsolation(args []string) error {
 	}
 	r.DiskNode = errText(err)
 	return json.NewEncoder(os.Stdout).Encode(r)
+}
+
+// openCommandCgroup opens a job's command cgroup for CLONE_INTO_CGROUP: once
+// the job runs, its own cgroup has pids enabled for its children and may
+// hold no process.
+func openCommandCgroup(t *testing.T, jobDir string) int {
+	t.Helper()
+	fd, err := unix.Open(filepath.Join(jobDir, commandCgroup), unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd
 }
