@@ -458,7 +458,7 @@ func TestUnifiedJobLimitsAreWrittenExactly(t *testing.T) {
 			"memory.swap.max":  "0",
 			"memory.oom.group": "1",
 			"io.max":           "8:0 rbps=2097152 wbps=2097152\n254:0 rbps=2097152 wbps=2097152\n",
-			"pids.max": "", "cgroup.subtree_control": "", // the pids limit is the init's to write (commandFiles)
+			"pids.max":         "", "cgroup.subtree_control": "", // the pids limit is the init's to write (commandFiles)
 		}},
 		{"tiny cpu gets the kernel minimum", Limits{CPU: 0.001, Pids: 5}, nil, map[string]string{
 			"cpu.max": "1000 100000", "memory.max": "", "io.max": "", "pids.max": "",
