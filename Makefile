@@ -19,8 +19,11 @@ test: build
 test-vm:
 	$(GO) test -run '^TestCgroupV2VM$$' -v -count=1 -timeout 10m .
 
+# Each benchmark reports ratios against a floor measured in the same run.
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 200x -timeout 20m .
+	$(GO) test -run '^$$' -bench 'JobStart|JobsPerSecond' -benchtime 200x -timeout 20m .
+	$(GO) test -run '^$$' -bench 'FollowerThroughput' -benchtime 3x -timeout 20m .
+	$(GO) test -run '^$$' -bench 'ThousandFollowers' -benchtime 1x -timeout 20m .
 
 cross:
 	GOOS=darwin GOARCH=arm64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/worker-darwin-arm64 .
