@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -132,6 +133,9 @@ func runInit(jobDir string) int {
 		return 1
 	}
 	ji.dirFD = dirFD
+	if err := closeInheritedFDs(); err != nil {
+		return ji.startFailed(err, exitSetupFailed)
+	}
 	if err := json.NewDecoder(os.Stdin).Decode(&ji.spec); err != nil {
 		return ji.startFailed(fmt.Errorf("read job spec: %w", err), exitSetupFailed)
 	}
@@ -460,6 +464,28 @@ func copyOutput(dst io.Writer, src io.Reader, limit int64) copyResult {
 			return r
 		}
 	}
+}
+
+// closeInheritedFDs marks every descriptor above stderr close-on-exec. The
+// server passes on whatever its own parent left open without O_CLOEXEC (Go's
+// exec closes nothing it was not told about), and the command must not get
+// it: a directory opened outside the job's root is a way out of that root,
+// writable wherever the host's mount is (close_range(2), Linux 5.11; before
+// that, each descriptor in turn).
+func closeInheritedFDs() error {
+	if unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC) == nil {
+		return nil
+	}
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Errorf("list inherited file descriptors: %w", err)
+	}
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.CloseOnExec(fd)
+		}
+	}
+	return nil
 }
 
 // isolate builds the job's world inside the namespaces the init was cloned into.

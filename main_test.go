@@ -28,7 +28,7 @@ func requireRoot(t testing.TB) {
 // testServer is a real server in this process: real state dir, real mTLS,
 // real job inits. Each identity has its own HTTPS client.
 type testServer struct {
-	t       *testing.T
+	t       testing.TB
 	srv     *server
 	http    *httptest.Server
 	tlsDir  string
@@ -51,7 +51,7 @@ func testConfig(state string) serverConfig {
 	}
 }
 
-func newTestServer(t *testing.T, mutate ...func(*serverConfig)) *testServer {
+func newTestServer(t testing.TB, mutate ...func(*serverConfig)) *testServer {
 	t.Helper()
 	requireRoot(t)
 	state := t.TempDir()
@@ -62,7 +62,7 @@ func newTestServer(t *testing.T, mutate ...func(*serverConfig)) *testServer {
 	return startTestServer(t, cfg)
 }
 
-func startTestServer(t *testing.T, cfg serverConfig) *testServer {
+func startTestServer(t testing.TB, cfg serverConfig) *testServer {
 	t.Helper()
 	tlsDir := filepath.Join(cfg.stateDir, "tls")
 	if err := ensureServerPKI(tlsDir, []string{"localhost", "127.0.0.1"}); err != nil {

@@ -104,7 +104,7 @@ func forceClientCert(t *testing.T, cfg *tls.Config) *tls.Config {
 
 // issueTestClient signs a client certificate with the CA in dir, with the
 // validity given, which the production code never allows to be in the past.
-func issueTestClient(t *testing.T, dir, user, role string, notBefore, notAfter time.Time) (certFile, keyFile string) {
+func issueTestClient(t testing.TB, dir, user, role string, notBefore, notAfter time.Time) (certFile, keyFile string) {
 	t.Helper()
 	ca, _, err := loadOrCreateCA(dir, time.Now())
 	if err != nil {

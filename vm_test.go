@@ -40,6 +40,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -78,7 +79,10 @@ func TestMain(m *testing.M) {
 	// The server re-executes /proc/self/exe as each job's init; in tests that
 	// is this test binary, which must then be the init.
 	if len(os.Args) > 2 && os.Args[1] == initArg {
-		os.Exit(runInit(os.Args[2]))
+		// syscall.Exit, not os.Exit: under -race, os.Exit sleeps a second
+		// (GORACE atexit_sleep_ms) in every init, and the init's environment,
+		// where GORACE could say otherwise, is empty on purpose.
+		syscall.Exit(runInit(os.Args[2]))
 	}
 	if name := os.Getenv(testHelperEnv); name != "" {
 		os.Exit(runTestHelper(name, os.Args[1:]))
