@@ -357,6 +357,20 @@ func requireHostUnchanged(t *testing.T, before hostView) {
 	}
 }
 
+// jobCgroupsLeft lists the job cgroups still in the server's cgroup tree.
+func jobCgroupsLeft(ts *testServer) []string {
+	if ts.srv.cgroups == nil {
+		return nil
+	}
+	var left []string
+	for _, h := range ts.srv.cgroups.hier {
+		for _, name := range subdirs(h.jobs) {
+			left = append(left, filepath.Join(h.jobs, name))
+		}
+	}
+	return left
+}
+
 // ---- jobs ----
 
 func requireEnded(t *testing.T, j Job, out, status, reason string) {
@@ -717,7 +731,7 @@ func TestJobHasItsOwnNamespacesAndHostname(t *testing.T) {
 	t.Cleanup(func() { unix.SysvShmCtl(shmID, unix.IPC_RMID, nil) })
 
 	namespaces := []string{"pid", "mnt", "net", "ipc", "uts", "cgroup"}
-	script := `hostname; for n in ` + strings.Join(namespaces, " ") + `; do echo "$n $(readlink /proc/self/ns/$n)"; done; ipcs -m`
+	script := `cat /proc/sys/kernel/hostname; for n in ` + strings.Join(namespaces, " ") + `; do echo "$n $(readlink /proc/self/ns/$n)"; done; ipcs -m`
 	out, j := ts.runWait("sh", "-c", script)
 	requireEnded(t, j, out, statusCompleted, reasonExited)
 	lines := strings.Split(out, "\n")
@@ -954,6 +968,9 @@ func TestNothingOfAJobLeaksToTheHost(t *testing.T) {
 			out := ""
 			if c.stop {
 				waitMarkedProcs(t, marker, 1)
+				if ts.srv.cgroups != nil && len(jobCgroupsLeft(ts)) == 0 {
+					t.Fatal("a running job has no cgroup where jobCgroupsLeft looks: the check for leaks would prove nothing")
+				}
 				j = stopJobViaAPI(t, ts, j.ID)
 			} else {
 				out, j = ts.wait("admin", j.ID)
@@ -963,14 +980,17 @@ func TestNothingOfAJobLeaksToTheHost(t *testing.T) {
 			if kids := childrenOfThisProcess(t); len(kids) > 0 {
 				t.Fatalf("job inits left when the job is reported ended: %v", kids)
 			}
+			if left := jobCgroupsLeft(ts); len(left) > 0 {
+				t.Fatalf("job cgroups left when the job is reported ended: %v", left)
+			}
 			requireHostUnchanged(t, before)
 		})
 	}
 }
 
 // TestNoLeaksAfter200Jobs runs short isolated jobs back to back, then checks
-// that the server holds no more mounts, processes, file descriptors or
-// goroutines than before them.
+// that the server holds no more mounts, processes, cgroups, file descriptors
+// or goroutines than before them.
 func TestNoLeaksAfter200Jobs(t *testing.T) {
 	quietLogs(t)
 	ts := newTestServer(t)
@@ -997,6 +1017,9 @@ func TestNoLeaksAfter200Jobs(t *testing.T) {
 	requireHostUnchanged(t, before)
 	if kids := childrenOfThisProcess(t); len(kids) > 0 {
 		t.Fatalf("processes left under the server (job inits or zombies): %v", kids)
+	}
+	if left := jobCgroupsLeft(ts); len(left) > 0 {
+		t.Fatalf("job cgroups left after 200 jobs: %v", left)
 	}
 	eventually(t, 5*time.Second, func() error {
 		if n := openFDs(t); n > fds {
