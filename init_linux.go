@@ -526,7 +526,7 @@ func loopbackUp() error {
 const newRootDir = "/tmp"
 
 // Top-level host entries the job gets its own version of instead.
-var privateTopLevel = map[string]bool{"proc": true, "tmp": true, "dev": true, "run": true, strings.TrimPrefix(jobWorkDir, "/"): true}
+var privateTopLevel = map[string]bool{"proc": true, "sys": true, "tmp": true, "dev": true, "run": true, strings.TrimPrefix(jobWorkDir, "/"): true}
 
 // buildRoot assembles the job's root: a read-only tmpfs holding read-only
 // binds of the host's top-level directories, a fresh /proc, a minimal /dev,
@@ -576,13 +576,18 @@ func buildRoot(spec initSpec) error {
 			}
 		}
 	}
-	for _, d := range []string{"proc", "tmp", "dev", "run", jobWorkDir[1:]} {
+	for _, d := range []string{"proc", "sys", "tmp", "dev", "run", jobWorkDir[1:]} {
 		if err := os.Mkdir(filepath.Join(newRootDir, d), 0o755); err != nil {
 			return fmt.Errorf("mkdir /%s: %w", d, err)
 		}
 	}
 	if err := unix.Mount("proc", filepath.Join(newRootDir, "proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("mount /proc: %w", err)
+	}
+	// A sysfs of its own, not the host's: mounted from inside the job's
+	// network namespace it lists only the job's interfaces (sysfs(5)).
+	if err := unix.Mount("sysfs", filepath.Join(newRootDir, "sys"), "sysfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("mount /sys: %w", err)
 	}
 	size := strconv.FormatInt(spec.ScratchBytes, 10)
 	if err := mountTmpfs(filepath.Join(newRootDir, "tmp"), "mode=1777,size="+size, 0); err != nil {

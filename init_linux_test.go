@@ -716,6 +716,12 @@ func TestJobNetworkIsOnlyItsOwnLoopback(t *testing.T) {
 	if !slices.Equal(names, []string{"lo"}) {
 		t.Errorf("/proc/net/dev in the job lists %v, want only lo", names)
 	}
+	// Its /sys is its own too: the host's interfaces are not listed there.
+	out, j = ts.runWait("ls", "/sys/class/net")
+	requireEnded(t, j, out, statusCompleted, reasonExited)
+	if out != "lo\n" {
+		t.Errorf("/sys/class/net in the job lists %q, want only lo", out)
+	}
 }
 
 // ---- 4. UTS, IPC and cgroup namespaces ----
