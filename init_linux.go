@@ -558,18 +558,18 @@ func buildRoot(spec initSpec) error {
 				return fmt.Errorf("read link %s: %w", src, err)
 			}
 			if err := os.Symlink(target, dst); err != nil {
-				return fmt.Errorf("link %s: %w", dst, err)
+				return fmt.Errorf("link %s: %w", inJob(dst), err)
 			}
 		case e.IsDir():
 			if err := os.Mkdir(dst, 0o755); err != nil {
-				return fmt.Errorf("mkdir %s: %w", dst, err)
+				return fmt.Errorf("mkdir %s: %w", inJob(dst), err)
 			}
 			if err := bindReadOnly(src, dst); err != nil {
 				return err
 			}
 		case e.Type().IsRegular():
 			if err := os.WriteFile(dst, nil, 0o644); err != nil {
-				return fmt.Errorf("create %s: %w", dst, err)
+				return fmt.Errorf("create %s: %w", inJob(dst), err)
 			}
 			if err := bindReadOnly(src, dst); err != nil {
 				return err
@@ -622,9 +622,20 @@ func buildRoot(spec initSpec) error {
 
 func mountTmpfs(dir, options string, flags uintptr) error {
 	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|flags, options); err != nil {
-		return fmt.Errorf("mount tmpfs on %s: %w", dir, err)
+		return fmt.Errorf("mount tmpfs on %s (%s): %w", inJob(dir), options, err)
 	}
 	return nil
+}
+
+// inJob names a path of the root being assembled as the job will see it.
+func inJob(p string) string {
+	if rest, ok := strings.CutPrefix(p, newRootDir+"/"); ok {
+		return "/" + rest
+	}
+	if p == newRootDir {
+		return "/"
+	}
+	return p
 }
 
 // buildDev gives the job the harmless devices and nothing else.
@@ -635,7 +646,7 @@ func buildDev(dev, shmSize string) error {
 	for _, name := range []string{"null", "zero", "full", "random", "urandom", "tty"} {
 		dst := filepath.Join(dev, name)
 		if err := os.WriteFile(dst, nil, 0o666); err != nil {
-			return fmt.Errorf("create %s: %w", dst, err)
+			return fmt.Errorf("create %s: %w", inJob(dst), err)
 		}
 		if err := unix.Mount("/dev/"+name, dst, "", unix.MS_BIND, ""); err != nil {
 			return fmt.Errorf("bind /dev/%s: %w", name, err)
@@ -672,7 +683,7 @@ func bindReadOnly(src, dst string) error {
 		return nil
 	}
 	if !errors.Is(err, unix.ENOSYS) {
-		return fmt.Errorf("make %s read-only: %w", dst, err)
+		return fmt.Errorf("make %s read-only: %w", inJob(dst), err)
 	}
 	// Before Linux 5.12 there is no recursive mount_setattr: remount each
 	// mount below dst on its own (a bind remount changes only that mount).
@@ -682,7 +693,7 @@ func bindReadOnly(src, dst string) error {
 	}
 	for _, m := range mounts {
 		if err := unix.Mount("", m, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
-			return fmt.Errorf("make %s read-only: %w", m, err)
+			return fmt.Errorf("make %s read-only: %w", inJob(m), err)
 		}
 	}
 	return nil

@@ -925,7 +925,7 @@ func TestStartFailuresAreReportedNotHung(t *testing.T) {
 		{name: "command not executable", req: runRequest{Command: "/etc/passwd"}, code: exitNotExecutable, error: "cannot execute /etc/passwd"},
 		{name: "exec refuses the arguments", req: runRequest{Command: "true", Args: []string{strings.Repeat("a", 200<<10)}}, code: exitSetupFailed, error: "argument list too long"},
 		// A negative scratch size is one tmpfs refuses: the init's setup fails for real.
-		{name: "isolation setup fails", broken: func(c *serverConfig) { c.caps.Memory = -1 }, req: runRequest{Command: "true"}, code: exitSetupFailed, error: "mount tmpfs"},
+		{name: "isolation setup fails", broken: func(c *serverConfig) { c.caps.Memory = -1 }, req: runRequest{Command: "true"}, code: exitSetupFailed, error: "mount tmpfs on /tmp (mode=1777,size=-1)"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			ts := ts
