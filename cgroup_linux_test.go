@@ -50,20 +50,7 @@ func runCgroupHelper(mode string) int {
 		for start := time.Now(); time.Since(start) < 3*time.Second; {
 		}
 	case "forker": // 40 processes, kept until the test kills the job
-		started, eagain, other := 0, 0, 0
-		for range 40 {
-			_, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "120"}, &syscall.ProcAttr{})
-			switch {
-			case err == nil:
-				started++
-			case errors.Is(err, syscall.EAGAIN):
-				eagain++
-			default:
-				other++
-				fmt.Fprintln(os.Stderr, "fork:", err)
-			}
-		}
-		fmt.Printf("started=%d eagain=%d other=%d\n", started, eagain, other)
+		forkSleepers(40, "120")
 		os.Stdin.Read(buf)
 	default:
 		fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
@@ -1254,4 +1241,24 @@ func TestKillStopsForkBomb(t *testing.T) {
 	if left := j.procs(); len(left) != 0 {
 		t.Fatalf("after kill: %v", left)
 	}
+}
+
+// forkSleepers starts n `sleep secs` processes, counting the forks the pids
+// limit refuses (EAGAIN) apart from other failures, and prints the counts as
+// "started=N eagain=N other=N".
+func forkSleepers(n int, secs string) {
+	started, eagain, other := 0, 0, 0
+	for range n {
+		_, err := syscall.ForkExec("/bin/sleep", []string{"sleep", secs}, &syscall.ProcAttr{})
+		switch {
+		case err == nil:
+			started++
+		case errors.Is(err, syscall.EAGAIN):
+			eagain++
+		default:
+			other++
+			fmt.Fprintln(os.Stderr, "fork:", err)
+		}
+	}
+	fmt.Printf("started=%d eagain=%d other=%d\n", started, eagain, other)
 }

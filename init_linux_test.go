@@ -592,7 +592,7 @@ func TestJobSeesHostFilesystemReadOnly(t *testing.T) {
 	requireEnded(t, j, out, statusCompleted, reasonExited)
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		f := strings.Fields(line)
-		mountPoint, options := unescapeMountinfo(f[4]), strings.Split(f[5], ",")
+		mountPoint, options := unescapeMountField(f[4]), strings.Split(f[5], ",")
 		if !slices.Contains(options, "ro") && !slices.Contains(writable, mountPoint) {
 			t.Errorf("%s is writable in the job: %s", mountPoint, line)
 		}

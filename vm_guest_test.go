@@ -800,20 +800,7 @@ func helperForker(args []string) error {
 	if err != nil {
 		return err
 	}
-	started, eagain, other := 0, 0, 0
-	for range n {
-		_, err := syscall.ForkExec("/bin/sleep", []string{"sleep", "600"}, &syscall.ProcAttr{})
-		switch {
-		case err == nil:
-			started++
-		case errors.Is(err, syscall.EAGAIN):
-			eagain++
-		default:
-			other++
-			fmt.Fprintln(os.Stderr, "fork:", err)
-		}
-	}
-	fmt.Printf("started=%d eagain=%d other=%d\n", started, eagain, other)
+	forkSleepers(n, "600")
 	time.Sleep(time.Hour)
 	return nil
 }
