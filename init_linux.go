@@ -119,11 +119,13 @@ type jobInit struct {
 func runInit(jobDir string) int {
 	// Named for what it is in the job's `ps`, not "exe"; this is the main thread.
 	unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&[]byte("worker-init\x00")[0])), 0, 0, 0)
-	report := os.NewFile(3, "start-report")
-	for fd := 3; fd < firstCgroupFD+3; fd++ {
-		unix.CloseOnExec(fd) // never inherited by the command
+	ji := &jobInit{report: os.NewFile(3, "start-report"), dirFD: -1}
+	// Before anything else, so no descriptor can reach the command: the ones
+	// from the server (fds 3 on) and whatever the server itself inherited.
+	if err := closeInheritedFDs(); err != nil {
+		ji.reportStart(startReport{Error: err.Error(), ExitCode: exitSetupFailed})
+		return 1
 	}
-	ji := &jobInit{report: report, dirFD: -1}
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, unix.SIGTERM, unix.SIGINT)
 
@@ -133,9 +135,6 @@ func runInit(jobDir string) int {
 		return 1
 	}
 	ji.dirFD = dirFD
-	if err := closeInheritedFDs(); err != nil {
-		return ji.startFailed(err, exitSetupFailed)
-	}
 	if err := json.NewDecoder(os.Stdin).Decode(&ji.spec); err != nil {
 		return ji.startFailed(fmt.Errorf("read job spec: %w", err), exitSetupFailed)
 	}
