@@ -151,7 +151,7 @@ func runInit(jobDir string) int {
 			return ji.startFailed(err, exitSetupFailed)
 		}
 	}
-	outFD, err := unix.Openat(dirFD, outputFile, unix.O_WRONLY|unix.O_APPEND|unix.O_CLOEXEC, 0)
+	outFD, err := unix.Openat(dirFD, outputFile, unix.O_WRONLY|unix.O_APPEND|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return ji.startFailed(fmt.Errorf("open output file: %w", err), exitSetupFailed)
 	}

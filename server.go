@@ -539,11 +539,15 @@ func (s *server) startJob(owner string, req runRequest) (record, error) {
 		s.dropLive(lj)
 		return record{}, err
 	}
-	if err := s.watcher.watch(lj.out); err != nil {
-		slog.Warn("output will be followed only at the end", "job", rec.ID, "err", err)
-	}
 	cmd, report, err := s.launch(rec, timeout, lj)
 	close(lj.launched)
+	if err == nil && report.Error == "" {
+		// The init created the output file before it reported.
+		if err := s.watcher.watch(lj.out); err != nil {
+			slog.Warn("output will be followed only at the end", "job", rec.ID, "err", err)
+		}
+		lj.out.changed() // for followers that came while it started
+	}
 	if err != nil {
 		s.finish(lj, err)
 		rec, _ = s.store.get(rec.ID)

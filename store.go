@@ -174,18 +174,14 @@ func validID(id string) bool {
 
 func (s *store) jobDir(id string) string { return filepath.Join(s.dir, id) }
 
-// create makes the job's directory, its empty output file and its first
-// record. The directory is created exclusively, so an ID is never reused.
+// create makes the job's directory and its first record; the job's init
+// creates the output file. The directory is created exclusively, so an ID is
+// never reused.
 func (s *store) create(rec record) error {
 	dir := s.jobDir(rec.ID)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return fmt.Errorf("create job directory: %w", err)
 	}
-	out, err := os.OpenFile(filepath.Join(dir, outputFile), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return fmt.Errorf("create output file: %w", err)
-	}
-	out.Close()
 	if err := writeJSON(filepath.Join(dir, recordFile), rec); err != nil {
 		return err
 	}

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"sync"
@@ -65,14 +66,38 @@ func (o *jobOutput) state() (<-chan struct{}, bool) {
 	return o.wake, o.ended
 }
 
+// open opens the output file, which the job's init creates as it starts: a
+// follower that comes during the start waits for it (changed is called once
+// it exists), and one of a job that never started gets nothing.
+func (o *jobOutput) open(ctx context.Context, follow bool) (*os.File, error) {
+	for {
+		wake, ended := o.state()
+		f, err := os.Open(o.path)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("open output: %w", err)
+		}
+		if ended || !follow {
+			return nil, nil
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
 // follow copies the output from offset to w, calling flush after each burst.
 // With follow it keeps going until the job has ended and every byte was
 // sent; without, it stops at the current end of the file. It returns the
 // number of bytes written.
 func (o *jobOutput) follow(ctx context.Context, w io.Writer, flush func() error, offset int64, follow bool) (int64, error) {
-	f, err := os.Open(o.path)
-	if err != nil {
-		return 0, fmt.Errorf("open output: %w", err)
+	f, err := o.open(ctx, follow)
+	if f == nil || err != nil {
+		return 0, err
 	}
 	defer f.Close()
 	buf := make([]byte, followBufSize)

@@ -304,3 +304,33 @@ func vmHWM(b *testing.B, pid int) int64 {
 	b.Fatal("no VmHWM")
 	return 0
 }
+
+func TestFollowerOfAStartingJobWaitsForItsOutputFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), outputFile)
+	o := newJobOutput(path)
+	done := make(chan string)
+	go func() {
+		var b bytes.Buffer
+		if _, err := o.follow(context.Background(), &b, noFlush, 0, true); err != nil {
+			t.Error(err)
+		}
+		done <- b.String()
+	}()
+	select {
+	case got := <-done:
+		t.Fatalf("follow ended before the output existed, with %q", got)
+	case <-time.After(50 * time.Millisecond):
+	}
+	os.WriteFile(path, []byte("started\n"), 0o600)
+	o.changed()
+	o.finish()
+	if got := <-done; got != "started\n" {
+		t.Fatalf("got %q", got)
+	}
+	// A job that never started has no output file and nothing to follow.
+	never := newJobOutput(filepath.Join(t.TempDir(), outputFile))
+	never.finish()
+	if n, err := never.follow(context.Background(), io.Discard, noFlush, 0, true); n != 0 || err != nil {
+		t.Fatalf("follow of a job without output: %d, %v", n, err)
+	}
+}
