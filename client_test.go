@@ -7,6 +7,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -62,7 +64,7 @@ var servingAddr = regexp.MustCompile(`msg=serving addr=(\S+)`)
 func startServerProc(t testing.TB, state string, extra ...string) *serverProc {
 	t.Helper()
 	requireRoot(t)
-	args := append([]string{"-serve", "-listen", "127.0.0.1:0", "-state", state, "-grace", "1s"}, extra...)
+	args := append([]string{"-serve", "-listen", "127.0.0.1:0", "-state", state, "-grace", "1s"}, extra...) // a later -listen wins
 	cmd := exec.Command(workerBinary(t), args...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -397,4 +399,39 @@ func TestIssuedUserCertificateSeesOnlyItsOwnJobs(t *testing.T) {
 		t.Fatalf("bad user name accepted: %d %q", code, stderr)
 	}
 	sp.cli(t, "-stop", adminJob)
+}
+
+func TestFollowerResumesAcrossAServerCrash(t *testing.T) {
+	// A fixed port, so the follower finds the restarted server where it was.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	state := t.TempDir()
+	sp := startServerProc(t, state, "-listen", addr)
+	id, _, _ := sp.cli(t, "-run", "sh", "-c", "i=0; while [ $i -lt 50 ]; do echo tick $i; i=$((i+1)); sleep 0.1; done")
+	id = strings.TrimSpace(id)
+	follower := exec.Command(workerBinary(t), "-log", id)
+	follower.Env = []string{"WORKER_ADDR=" + addr, "WORKER_TLS=" + filepath.Join(state, "tls")}
+	var out, stderr bytes.Buffer
+	follower.Stdout, follower.Stderr = &out, &stderr
+	if err := follower.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	sp.kill(syscall.SIGKILL)
+	time.Sleep(time.Second) // the job writes on; nobody is serving
+	startServerProc(t, state, "-listen", addr)
+	if err := follower.Wait(); err != nil {
+		t.Fatalf("-log across a server crash: %v: %s", err, stderr.String())
+	}
+	var want strings.Builder
+	for i := 0; i < 50; i++ {
+		fmt.Fprintf(&want, "tick %d\n", i)
+	}
+	if out.String() != want.String() {
+		t.Fatalf("-log across a server crash printed %q, want every tick once", out.String())
+	}
 }

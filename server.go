@@ -672,6 +672,9 @@ func (s *server) launch(rec record, timeout time.Duration, lj *liveJob) (*exec.C
 	if spec.ScratchBytes == 0 {
 		spec.ScratchBytes = s.cfg.caps.Memory
 	}
+	// A spec can be up to a request body in size, more than a pipe holds:
+	// an init that never reads it must not hold the request forever.
+	specW.SetWriteDeadline(time.Now().Add(startTimeout))
 	if err := json.NewEncoder(specW).Encode(spec); err != nil {
 		return fail(fmt.Errorf("send job spec: %w", err))
 	}
