@@ -435,3 +435,13 @@ func TestFollowerResumesAcrossAServerCrash(t *testing.T) {
 		t.Fatalf("-log across a server crash printed %q, want every tick once", out.String())
 	}
 }
+
+func TestSecondServerOnTheSameStateIsRefused(t *testing.T) {
+	state := t.TempDir()
+	startServerProc(t, state)
+	out, err := exec.Command(workerBinary(t), "-serve", "-listen", "127.0.0.1:0", "-state", state).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), "in use by another worker -serve") {
+		t.Fatalf("second server on one state dir: %v: %s", err, out)
+	}
+}

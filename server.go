@@ -975,6 +975,11 @@ func serve(cfg serverConfig) error {
 	if err := os.MkdirAll(cfg.stateDir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
+	lock, err := lockStateDir(cfg.stateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	if cfg.tlsDir == "" {
 		cfg.tlsDir = filepath.Join(cfg.stateDir, "tls")
 		if err := ensureServerPKI(cfg.tlsDir, defaultHosts()); err != nil {
@@ -1012,6 +1017,28 @@ func serve(cfg serverConfig) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	return hs.Shutdown(ctx)
+}
+
+// lockStateDir makes sure one server at a time owns a state dir: two would
+// both adopt the same running jobs and record their ends twice. The lock
+// goes with the process, however it ends.
+func lockStateDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, ".lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		holder, _ := os.ReadFile(path)
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state directory %s is in use by another worker -serve (pid %s); stop it, or give this one its own -state", dir, strings.TrimSpace(string(holder)))
+		}
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
 }
 
 func newHTTPServer(h http.Handler, tlsCfg *tls.Config) *http.Server {
