@@ -23,7 +23,7 @@ test-vm:
 bench: build
 	$(GO) test -run '^$$' -bench 'JobStart|JobsPerSecond' -benchtime 200x -timeout 20m .
 	$(GO) test -run '^$$' -bench 'FollowerThroughput' -benchtime 3x -timeout 20m .
-	$(GO) test -run '^$$' -bench 'ThousandFollowers' -benchtime 1x -timeout 20m .
+	$(GO) test -run '^$$' -bench 'ThousandFollowers|ServerRSSUnderLargeOutput' -benchtime 1x -timeout 20m .
 
 cross:
 	GOOS=darwin GOARCH=arm64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/worker-darwin-arm64 .

@@ -334,3 +334,35 @@ func TestFollowerOfAStartingJobWaitsForItsOutputFile(t *testing.T) {
 		t.Fatalf("follow of a job without output: %d, %v", n, err)
 	}
 }
+
+// BenchmarkServerRSSUnderLargeOutput: a job writes 10 GiB while one client
+// follows it; the server's peak RSS is reported before and after (SPEC §10:
+// flat).
+func BenchmarkServerRSSUnderLargeOutput(b *testing.B) {
+	sp := startServerProc(b, b.TempDir(), "-output-cap", "11G")
+	c, err := newClient(clientConfig{addr: sp.addr, tlsDir: filepath.Join(sp.state, "tls")}, io.Discard, io.Discard)
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Warm up the server's allocations with a small job first: the floor.
+	small := benchRun(b, c, runRequest{Command: "head", Args: []string{"-c", "64M", "/dev/zero"}})
+	if err := c.follow(context.Background(), small.ID, io.Discard); err != nil {
+		b.Fatal(err)
+	}
+	floor := vmHWM(b, sp.cmd.Process.Pid)
+	for b.Loop() {
+		j := benchRun(b, c, runRequest{Command: "head", Args: []string{"-c", "10G", "/dev/zero"}})
+		var sink countWriter
+		if err := c.follow(context.Background(), j.ID, &sink); err != nil {
+			b.Fatal(err)
+		}
+		if sink.n != 10<<30 {
+			b.Fatalf("follower got %d bytes, want 10 GiB", sink.n)
+		}
+		os.Remove(filepath.Join(sp.state, "jobs", j.ID, outputFile)) // 10 GiB of disk back
+	}
+	peak := vmHWM(b, sp.cmd.Process.Pid)
+	b.ReportMetric(float64(floor)/(1<<20), "peak-RSS-after-64MiB-MiB")
+	b.ReportMetric(float64(peak)/(1<<20), "peak-RSS-after-10GiB-MiB")
+	b.ReportMetric(float64(peak)/float64(floor), "x-floor")
+}
