@@ -867,8 +867,10 @@ func TestJobEnvironmentIsOnlyBasicsAndRequestEnv(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(environ) != 0 {
-		t.Errorf("the job's init has an environment: %q", bytes.ReplaceAll(environ, []byte{0}, []byte{' '}))
+	// Only its Go runtime settings, none of the server's.
+	want0 := strings.Join(initRuntimeEnv, "\x00") + "\x00"
+	if string(environ) != want0 {
+		t.Errorf("the job's init has the environment %q, want only %q", bytes.ReplaceAll(environ, []byte{0}, []byte{' '}), initRuntimeEnv)
 	}
 	stopJobViaAPI(t, ts, j.ID)
 }
