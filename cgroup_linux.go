@@ -868,12 +868,6 @@ func blockDisks(sysfs string) ([]string, error) {
 	return disks, nil
 }
 
-// diskOf returns the whole disks under block device "MAJ:MIN": itself if it
-// is one, its disk if it is a partition, the disks under it if stacked.
-func diskOf(sysfs, dev string) ([]string, error) {
-	return deviceDisks(filepath.Join(sysfs, "dev", "block", dev), 0)
-}
-
 func deviceDisks(dir string, depth int) ([]string, error) {
 	if depth > 16 {
 		return nil, fmt.Errorf("block device %s: stacked too deep", dir)

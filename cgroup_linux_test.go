@@ -1262,3 +1262,9 @@ func forkSleepers(n int, secs string) {
 	}
 	fmt.Printf("started=%d eagain=%d other=%d\n", started, eagain, other)
 }
+
+// diskOf returns the whole disks under block device "MAJ:MIN": itself if it
+// is one, its disk if it is a partition, the disks under it if stacked.
+func diskOf(sysfs, dev string) ([]string, error) {
+	return deviceDisks(filepath.Join(sysfs, "dev", "block", dev), 0)
+}

@@ -13,7 +13,6 @@ import (
 	"crypto/rand"
 	"encoding/base32"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -309,8 +308,6 @@ func readJSON(path string, v any) error {
 	}
 	return nil
 }
-
-var errNoExitRecord = errors.New("no exit record")
 
 // parseSize reads a size as the command line takes it: bytes, or a number
 // with a K, M or G suffix (powers of 1024), such as 256M or 1.5G.
