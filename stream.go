@@ -66,47 +66,36 @@ func (o *jobOutput) state() (<-chan struct{}, bool) {
 	return o.wake, o.ended
 }
 
-// open opens the output file, which the job's init creates as it starts: a
-// follower that comes during the start waits for it (changed is called once
-// it exists), and one of a job that never started gets nothing.
-func (o *jobOutput) open(ctx context.Context, follow bool) (*os.File, error) {
-	for {
-		wake, ended := o.state()
-		f, err := os.Open(o.path)
-		if err == nil {
-			return f, nil
-		}
-		if !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("open output: %w", err)
-		}
-		if ended || !follow {
-			return nil, nil
-		}
-		select {
-		case <-wake:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-}
-
 // follow copies the output from offset to w, calling flush after each burst.
 // With follow it keeps going until the job has ended and every byte was
 // sent; without, it stops at the current end of the file. It returns the
 // number of bytes written.
+//
+// The job's init creates the output file as it starts: a follower that comes
+// during the start waits for it like for new bytes (changed is called once it
+// exists), and one of a job that never started gets nothing.
 func (o *jobOutput) follow(ctx context.Context, w io.Writer, flush func() error, offset int64, follow bool) (int64, error) {
-	f, err := o.open(ctx, follow)
-	if f == nil || err != nil {
-		return 0, err
-	}
-	defer f.Close()
+	var f *os.File
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
 	buf := make([]byte, followBufSize)
 	var sent int64
 	for {
 		// Take the wake channel before reading, so a write that lands after
 		// the read still wakes us.
 		wake, ended := o.state()
-		for {
+		if f == nil {
+			var err error
+			if f, err = os.Open(o.path); errors.Is(err, fs.ErrNotExist) {
+				f = nil
+			} else if err != nil {
+				return sent, fmt.Errorf("open output: %w", err)
+			}
+		}
+		for f != nil {
 			n, rerr := f.ReadAt(buf, offset)
 			if n > 0 {
 				if _, err := w.Write(buf[:n]); err != nil {
